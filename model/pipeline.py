@@ -1,0 +1,354 @@
+"""Latent diffusion: text (+ image) in, images out.
+
+    pipe = StableDiffusion.from_pretrained("weights/")
+    pipe.txt2img("a red circle on a blue background", seed=0)        # -> [PIL.Image]
+    pipe.img2img(image, "a blue circle", strength=0.6)
+    pipe.inpaint(image, mask, "a yellow square")                      # mask: white = repaint
+
+One generation, start to end:
+
+    text   --tokenizer--> ids [B, 77] --CLIP--> context [B, 77, D]
+    seed   --randn------> noise [B, C, h, w]                     (h, w = H/f, W/f; f = 8 for SD 1.x)
+    image  --VAE enc----> x0 latents (img2img, inpaint)
+    for each step:  eps = UNet(x, t, context)  with classifier-free guidance
+                    eps = eps_uncond + g * (eps_cond - eps_uncond)
+                    x   = sampler step (model/samplers.py)
+    latents --VAE dec--> images
+
+`generate` is the batched entry point the service worker uses: several requests
+(each with its own prompt, negative prompt, seed, guidance scale and input image)
+that share mode, size, steps, sampler and strength run as one batch through the
+UNet, and each request's images are the same as when it runs alone: its noise
+comes from its own torch.Generator("cpu") seeded with its seed, drawn as
+diffusers draws it, so the same seed and weights give diffusers' image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import samplers
+from .pnginfo import infotext
+from .weights import Components, load
+
+MODES = ("txt2img", "img2img", "inpaint")
+MAX_SEED = 2**64 - 1
+
+
+class Cancelled(Exception):
+    """Raised by a progress callback to stop a generation between steps."""
+
+
+@dataclass
+class Request:
+    """One user's part of a batch. Images of one request share one noise draw, as in diffusers."""
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    guidance_scale: float = 7.5
+    num_images: int = 1
+    image: Optional[Image.Image] = None  # img2img / inpaint input
+    mask: Optional[Image.Image] = None   # inpaint: white = repaint; None = the image's transparent pixels
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_size(name: str, value) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0 and value % 8 == 0,
+           f"{name} must be a positive multiple of 8, got {value!r}")
+
+
+def _check_request(r: Request, mode: str) -> None:
+    _check(isinstance(r.prompt, str), f"prompt must be a string, got {type(r.prompt).__name__}")
+    _check(isinstance(r.negative_prompt, str), "negative_prompt must be a string")
+    _check(isinstance(r.seed, int) and 0 <= r.seed <= MAX_SEED, f"seed must be an integer in [0, {MAX_SEED}], got {r.seed!r}")
+    g = r.guidance_scale
+    _check(isinstance(g, (int, float)) and math.isfinite(g) and g >= 0,
+           f"guidance_scale must be a finite number >= 0, got {g!r}")
+    _check(isinstance(r.num_images, int) and r.num_images >= 1, f"num_images must be an integer >= 1, got {r.num_images!r}")
+    if mode != "txt2img":
+        _check(isinstance(r.image, Image.Image), f"image is required for {mode}")
+
+
+# -----------------------------------------------------------------------------
+# pixels <-> tensors
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> [3, H, W] in [-1, 1]."""
+    data = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> PIL RGB (rounded as diffusers' numpy_to_pil)."""
+    x = ((x.float().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
+
+
+def mask_of(image: Image.Image, mask: Optional[Image.Image]) -> torch.Tensor:
+    """The repaint mask [1, H, W] in {0, 1} at the image's size: white (>= 128) in `mask`, or the
+    image's transparent pixels (alpha 0, as the OpenAI edits API) when no mask is given."""
+    if mask is None:
+        _check(image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info,
+               "mask is required: the image has no transparent pixels to repaint")
+        alpha = image.convert("RGBA").getchannel("A")
+        m = torch.tensor(list(alpha.getdata()), dtype=torch.float32) == 0
+    else:
+        _check(mask.size == image.size,
+               f"mask size {mask.size[0]}x{mask.size[1]} must equal the image size {image.size[0]}x{image.size[1]}")
+        m = torch.tensor(list(mask.convert("L").getdata()), dtype=torch.float32) >= 128
+    return m.float().view(1, image.height, image.width)
+
+
+# -----------------------------------------------------------------------------
+# the pipeline
+
+
+class StableDiffusion:
+    """Tokenizer, text encoder, VAE and UNet in memory, and the sampling loop around them."""
+
+    def __init__(self, components: Components, name: str = "model"):
+        self.tokenizer = components.tokenizer
+        self.text_encoder = components.text_encoder
+        self.vae = components.vae
+        self.unet = components.unet
+        self.schedule = (samplers.Schedule.from_diffusers(components.scheduler_config)
+                         if components.scheduler_config else samplers.Schedule.sd15())
+        self.name = name
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # prompt -> [77, D]
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, tokenizer=None) -> "StableDiffusion":
+        """Load a native folder, a diffusers-layout folder or one original .safetensors/.ckpt file."""
+        from pathlib import Path
+
+        return cls(load(path, device=device, dtype=dtype, tokenizer=tokenizer), name=Path(path).stem or "model")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    @property
+    def native_size(self) -> int:
+        """The image side the model was trained at (512 for SD 1.x)."""
+        return self.unet.config.sample_size * self.latent_factor
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """A 9-channel UNet (sd-v1-5-inpainting layout) takes mask and masked-image latents as input."""
+        return self.unet.config.in_channels == 9
+
+    # --- text ---------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[B] prompts -> [B, 77, D] contexts. Each distinct prompt is encoded once; recent ones (the
+        empty negative prompt above all) are kept in a small cache."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            ids = self.tokenizer(missing).to(self.device)
+            for p, ctx in zip(missing, self.text_encoder(ids)):
+                self._text_cache[p] = ctx
+        for p in prompts:
+            self._text_cache.move_to_end(p)
+        while len(self._text_cache) > 64:
+            self._text_cache.popitem(last=False)
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    # --- latents <-> images -------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f] (the posterior mean: deterministic)."""
+        x = images.to(self.device, self.dtype)
+        return self.vae.encode(x).mean.float() * self.vae.config.scaling_factor
+
+    @torch.inference_mode()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> [B, 3, H, W] in [-1, 1]."""
+        x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.dtype))
+        return x.float().clamp(-1, 1)
+
+    # --- the public calls ---------------------------------------------------
+
+    def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 30, guidance_scale: float = 7.5,
+                sampler: str = "ddim", seed: int = 0, width: Optional[int] = None, height: Optional[int] = None,
+                num_images: int = 1, eta: float = 0.0, callback: Optional[Callable[[int, int], None]] = None):
+        """Images from text. Returns num_images PIL images."""
+        r = Request(prompt, negative_prompt, seed, guidance_scale, num_images)
+        return self.generate([r], mode="txt2img", steps=steps, sampler=sampler, width=width, height=height,
+                             eta=eta, callback=callback)[0]
+
+    def img2img(self, image: Image.Image, prompt: str, strength: float = 0.75, negative_prompt: str = "",
+                steps: int = 30, guidance_scale: float = 7.5, sampler: str = "ddim", seed: int = 0,
+                width: Optional[int] = None, height: Optional[int] = None, num_images: int = 1, eta: float = 0.0,
+                callback: Optional[Callable[[int, int], None]] = None):
+        """Images from an image and text: noise the image to the step `strength` picks (1 = all the way,
+        as txt2img; 0 = not at all, the input comes back through the VAE) and denoise from there."""
+        r = Request(prompt, negative_prompt, seed, guidance_scale, num_images, image=image)
+        return self.generate([r], mode="img2img", steps=steps, sampler=sampler, width=width, height=height,
+                             strength=strength, eta=eta, callback=callback)[0]
+
+    def inpaint(self, image: Image.Image, mask: Optional[Image.Image], prompt: str, strength: float = 1.0,
+                negative_prompt: str = "", steps: int = 30, guidance_scale: float = 7.5, sampler: str = "ddim",
+                seed: int = 0, width: Optional[int] = None, height: Optional[int] = None, num_images: int = 1,
+                eta: float = 0.0, callback: Optional[Callable[[int, int], None]] = None):
+        """Repaint the white part of `mask` (or the image's transparent pixels when mask is None);
+        every pixel outside the mask comes back unchanged."""
+        r = Request(prompt, negative_prompt, seed, guidance_scale, num_images, image=image, mask=mask)
+        return self.generate([r], mode="inpaint", steps=steps, sampler=sampler, width=width, height=height,
+                             strength=strength, eta=eta, callback=callback)[0]
+
+    # --- the batched loop ---------------------------------------------------
+
+    def generate(self, requests: Sequence[Request], *, mode: str = "txt2img", steps: int = 30, sampler: str = "ddim",
+                 width: Optional[int] = None, height: Optional[int] = None, strength: Optional[float] = None,
+                 eta: float = 0.0, callback: Optional[Callable[[int, int], None]] = None) -> list[list[Image.Image]]:
+        """Run requests that share mode, size, steps, sampler and strength as one batch.
+        Returns one list of images per request. callback(step, total) may raise Cancelled."""
+        _check(mode in MODES, f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        _check(len(requests) > 0, "requests must not be empty")
+        for r in requests:
+            _check_request(r, mode)
+        _check(sampler in samplers.SAMPLERS, f"sampler must be one of {', '.join(samplers.SAMPLERS)}, got {sampler!r}")
+        _check(isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= 1000,
+               f"steps must be an integer in [1, 1000], got {steps!r}")
+        _check(isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0, f"eta must be >= 0, got {eta!r}")
+        _check(eta == 0 or sampler == "ddim", f"eta only applies to the ddim sampler, got eta={eta} with {sampler!r}")
+        if strength is None:
+            strength = 1.0 if mode != "img2img" else 0.75
+        _check(isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0,
+               f"strength must be a number in [0, 1], got {strength!r}")
+        _check(mode != "txt2img" or strength == 1.0, "strength only applies to img2img and inpaint")
+        if mode == "txt2img":
+            width = self.native_size if width is None else width
+            height = self.native_size if height is None else height
+        else:  # the input image's size (rounded down to a multiple of 8) unless asked otherwise
+            first = requests[0].image
+            width = first.width // 8 * 8 if width is None else width
+            height = first.height // 8 * 8 if height is None else height
+        _check_size("width", width)
+        _check_size("height", height)
+        _check(width % self.latent_factor == 0 and height % self.latent_factor == 0,
+               f"width and height must be multiples of {self.latent_factor} for this model")
+
+        with torch.inference_mode():
+            images = self._generate(requests, mode, steps, sampler, width, height, strength, eta, callback)
+
+        out, k = [], 0
+        for r in requests:
+            batch = []
+            for i in range(r.num_images):
+                img = to_pil(images[k])
+                params = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "steps": steps,
+                          "sampler": sampler, "guidance_scale": r.guidance_scale, "seed": r.seed, "width": width,
+                          "height": height, "mode": mode, "model": self.name,
+                          "strength": strength if mode != "txt2img" else None,
+                          "num_images": r.num_images, "index": i}
+                img.info["generation"] = params
+                img.info["parameters"] = infotext(params)
+                batch.append(img)
+                k += 1
+            out.append(batch)
+        return out
+
+    def _generate(self, requests, mode, steps, sampler, width, height, strength, eta, callback) -> torch.Tensor:
+        f, C = self.latent_factor, self.vae.config.latent_channels
+        shape = (C, height // f, width // f)
+        counts = [r.num_images for r in requests]
+        expand = lambda per_request: [v for v, n in zip(per_request, counts) for _ in range(n)]  # noqa: E731
+
+        # Every request draws from its own generator: first its initial noise, then any step noise.
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+
+        def noise() -> torch.Tensor:
+            draws = [torch.randn((n, *shape), generator=g) for g, n in zip(generators, counts)]
+            return torch.cat(draws).to(self.device)
+
+        # text: conditional contexts for all images, unconditional ones only where guidance needs them
+        scales = torch.tensor(expand([float(r.guidance_scale) for r in requests]), device=self.device)
+        guided = torch.nonzero(scales != 1.0).flatten()          # images that need the unconditional pass
+        cond = self.encode_text(expand([r.prompt for r in requests]))
+        uncond = self.encode_text([expand([r.negative_prompt for r in requests])[i] for i in guided.tolist()]) \
+            if len(guided) else cond[:0]
+        context = torch.cat([uncond, cond])
+        g = scales[guided].view(-1, 1, 1, 1)
+
+        # input images (img2img, inpaint), all at the batch's size
+        x0 = masks = masked_latents = None
+        if mode != "txt2img":
+            pixels, pixel_masks = [], []
+            for r in requests:
+                image = r.image
+                m = mask_of(image, r.mask) if mode == "inpaint" else None
+                if image.size != (width, height):
+                    image = image.convert("RGBA" if image.mode in ("RGBA", "LA", "PA") else "RGB")
+                    image = image.resize((width, height), Image.LANCZOS)
+                    if m is not None:
+                        m = (F.interpolate(m[None], size=(height, width), mode="bilinear") > 0.5).float()[0]
+                pixels += [to_tensor(image)] * r.num_images
+                pixel_masks += [m] * r.num_images
+            pixels = torch.stack(pixels)
+            x0 = self.encode_images(pixels)
+            if mode == "inpaint":
+                pixel_masks = torch.stack(pixel_masks).to(self.device)                        # [B, 1, H, W]
+                masks = F.adaptive_max_pool2d(pixel_masks, shape[1:])  # a latent cell is repainted if any pixel is
+                if self.is_inpainting_model:
+                    masked = pixels.to(self.device) * (1 - pixel_masks)
+                    masked_latents = self.encode_images(masked)
+
+        plan = samplers.plan(sampler, steps, self.schedule, strength=strength)
+
+        def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+            sigma, t = plan.sigmas[i].item(), plan.timesteps[i]
+            x_in = samplers.scale_model_input(x, sigma)
+            if masked_latents is not None:  # 9-channel UNet: [latents, mask, masked-image latents]
+                x_in = torch.cat([x_in, masks, masked_latents], dim=1)
+            x_in = torch.cat([x_in[guided], x_in]).to(self.dtype)
+            eps = self.unet(x_in, t.to(self.device), context).float()
+            eps_uncond, eps = eps[: len(guided)], eps[len(guided):].clone()
+            eps[guided] = eps_uncond + g * (eps[guided] - eps_uncond)
+            return samplers.to_x0(x, sigma, eps, self.schedule.prediction_type)
+
+        n0 = noise()
+        if mode == "txt2img" or (mode == "inpaint" and strength == 1.0):
+            x = samplers.start(plan, n0)
+        else:
+            x = samplers.add_noise(plan, x0, n0)
+
+        between_steps = None
+        if mode == "inpaint" and not self.is_inpainting_model:
+            def between_steps(x, i):  # keep the known region on the original image, noised to step i
+                return masks * x + (1 - masks) * samplers.add_noise(plan, x0, n0, step=i)
+
+        if plan.steps:
+            x = samplers.run(sampler, denoise, x, plan, noise=noise, eta=eta, between_steps=between_steps,
+                             callback=callback)
+            latents = samplers.finish(plan, x)
+        else:  # strength 0: nothing to denoise
+            latents = x0
+        if mode == "inpaint" and not self.is_inpainting_model:
+            latents = masks * latents + (1 - masks) * x0
+        images = self.decode_latents(latents)
+        if mode == "inpaint":  # every pixel outside the mask is the input's own
+            images = pixel_masks * images + (1 - pixel_masks) * pixels.to(self.device)
+        return images
