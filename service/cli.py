@@ -1,0 +1,157 @@
+"""The `sd` command line.
+
+    sd generate --mode text-to-image --prompt "a red circle on a blue background"
+    sd generate --mode image-to-image --input-image in.png --strength 0.6 --prompt "a blue circle"
+    sd inpaint --input-image in.png --mask mask.png --prompt "a yellow square"
+    sd convert path/to/v1-5.safetensors weights/sd15 --tokenizer path/to/tokenizer
+
+Heavy imports (torch, the model) happen inside the commands, so `sd --help`
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+EPILOG = """examples:
+  sd generate --mode text-to-image --prompt "a large red circle in the center on a blue background"
+  sd generate --mode image-to-image --input-image in.png --strength 0.7 --prompt "a blue circle"
+  sd inpaint --input-image in.png --mask mask.png --prompt "a yellow square in the top left"
+  sd convert v1-5-pruned-emaonly.safetensors weights/sd15 --tokenizer ./clip-tokenizer
+"""
+
+
+def default_weights() -> str:
+    return os.environ.get("SD_WEIGHTS", str(DEFAULT_WEIGHTS))
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", "--negative_prompt", default="")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", "--guidance-scale", type=float, default=7.5, dest="guidance")
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--seed", type=int, default=None, help="random when left out; printed either way")
+    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--num-images", "--num_images", type=int, default=1)
+    p.add_argument("--weights", default=None, help="native dir, diffusers dir or one .safetensors/.ckpt (default: weights/)")
+    p.add_argument("--out", default="out.png", help="output PNG; several images get -0, -1, ... suffixes")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--input-image", "--input_image", dest="input_image", default=None)
+    p.add_argument("--strength", type=float, default=0.75)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sd",
+        description="Stable Diffusion from scratch: generate, inpaint, convert weights.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="text-to-image or image-to-image", epilog=EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen.add_argument("--mode", choices=["text-to-image", "image-to-image"], default="text-to-image")
+    _add_generation_args(gen)
+
+    inp = sub.add_parser("inpaint", help="repaint the masked (white) or transparent part of an image",
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_generation_args(inp)
+    inp.add_argument("--mask", default=None, help="white = repaint; default: the input's transparent pixels")
+
+    conv = sub.add_parser("convert", help="convert a diffusers dir or original checkpoint to the native layout")
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--tokenizer", default=None, help="dir with vocab.json + merges.txt (single files carry none)")
+    return parser
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _progress(step: int, total: int) -> None:
+    bar = "#" * (30 * step // total)
+    print(f"\r[{bar:<30}] {step}/{total}", end="" if step < total else "\n", file=sys.stderr, flush=True)
+
+
+def _out_paths(out: str, n: int) -> list[Path]:
+    path = Path(out)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import random
+
+    from PIL import Image
+
+    from model import StableDiffusion
+    from model.pnginfo import png_bytes
+
+    mode = "inpaint" if args.command == "inpaint" else args.mode
+    if mode != "text-to-image" and not args.input_image:
+        print(f"sd {args.command}: --input-image is required for {mode}", file=sys.stderr)
+        return 2
+    seed = args.seed if args.seed is not None and args.seed >= 0 else random.randrange(2**32)
+    pipe = StableDiffusion.from_pretrained(args.weights or default_weights(), device=args.device, dtype=_dtype(args.dtype))
+    common = dict(
+        negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
+        sampler=args.sampler, seed=seed, num_images=args.num_images, callback=_progress,
+    )
+    try:
+        if mode == "text-to-image":
+            images = pipe.txt2img(args.prompt, width=args.width, height=args.height, **common)
+        else:
+            image = Image.open(args.input_image)
+            image.load()
+            if mode == "image-to-image":
+                images = pipe.img2img(image, args.prompt, strength=args.strength, width=args.width,
+                                      height=args.height, **common)
+            else:
+                mask = Image.open(args.mask) if args.mask else None
+                images = pipe.inpaint(image, mask, args.prompt, strength=args.strength, **common)
+    except ValueError as e:
+        print(f"sd {args.command}: {e}", file=sys.stderr)
+        return 2
+    for i, (img, path) in enumerate(zip(images, _out_paths(args.out, len(images)))):
+        params = img.info["generation"]
+        path.write_bytes(png_bytes(img, params))
+        print(f"{path}  seed={params['seed']}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from model.weights import WeightsError, convert
+
+    try:
+        convert(args.src, args.dst, tokenizer=args.tokenizer)
+    except WeightsError as e:
+        print(f"sd convert: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("generate", "inpaint"):
+        return cmd_generate(args)
+    if args.command == "convert":
+        return cmd_convert(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
