@@ -102,13 +102,17 @@ def mask_of(image: Image.Image, mask: Optional[Image.Image]) -> torch.Tensor:
     if mask is None:
         _check(image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info,
                "mask is required: the image has no transparent pixels to repaint")
-        alpha = image.convert("RGBA").getchannel("A")
-        m = torch.tensor(list(alpha.getdata()), dtype=torch.float32) == 0
+        m = _plane(image.convert("RGBA").getchannel("A")) == 0
     else:
         _check(mask.size == image.size,
                f"mask size {mask.size[0]}x{mask.size[1]} must equal the image size {image.size[0]}x{image.size[1]}")
-        m = torch.tensor(list(mask.convert("L").getdata()), dtype=torch.float32) >= 128
-    return m.float().view(1, image.height, image.width)
+        m = _plane(mask.convert("L")) >= 128
+    return m.float()[None]
+
+
+def _plane(image: Image.Image) -> torch.Tensor:
+    """A one-channel PIL image as a [H, W] uint8 tensor."""
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width)
 
 
 # -----------------------------------------------------------------------------
