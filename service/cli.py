@@ -71,7 +71,55 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.add_argument("--tokenizer", default=None, help="dir with vocab.json + merges.txt (single files carry none)")
+    _add_service_commands(sub)
+    _add_train_command(sub)
     return parser
+
+
+def _add_train_command(sub) -> None:
+    """`sd train --config configs/tiny.yaml [--resume] [--out DIR]` (model/train.py)."""
+    tr = sub.add_parser("train", help="train a model from scratch from a YAML config (configs/tiny.yaml)")
+    tr.add_argument("--config", required=True, help="training config, e.g. configs/tiny.yaml")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    tr.add_argument("--out", default=None, help="output dir (default: the config's out_dir)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model.train import ConfigError, load_config, train
+
+    try:
+        train(load_config(args.config), out_dir=args.out, resume=args.resume)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"sd train: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_service_commands(sub) -> None:
+    """`sd serve` and `sd worker` (service/api.py, service/worker.py); flags in service/settings.py."""
+    from service.settings import add_arguments
+
+    serve = sub.add_parser("serve", help="the HTTP API (with an in-process worker unless --redis is given)")
+    add_arguments(serve, http=True)
+    worker = sub.add_parser("worker", help="a batching worker on the Redis queue (sd worker --redis URL)")
+    add_arguments(worker, http=False)
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from service.settings import Settings
+
+    try:
+        settings = Settings.from_args(args)
+    except ValueError as e:
+        print(f"sd {args.command}: {e}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        from service.api import main as serve_main
+
+        return serve_main(settings)
+    from service.worker import main as worker_main
+
+    return worker_main(settings)
 
 
 def _dtype(name: str):
@@ -150,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_generate(args)
     if args.command == "convert":
         return cmd_convert(args)
+    if args.command in ("serve", "worker"):
+        return cmd_service(args)
+    if args.command == "train":
+        return cmd_train(args)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,137 @@
+"""Request and response bodies of the HTTP API (they are what /docs and /openapi.json show).
+
+The limits of a request (max steps, images, pixels) are settings, so the request models are
+made for one Settings by `request_models(settings)`: the OpenAPI schema then states the limits
+the server really enforces. Every field's `description` starts with its rule, up to the first ";":
+a 422 quotes it, "steps must be an integer in [1, 150], got 500".
+"""
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from model.samplers import SAMPLERS
+
+Mode = Literal["txt2img", "img2img", "inpaint"]
+Status = Literal["queued", "running", "done", "failed", "cancelled"]
+Sampler = Literal[SAMPLERS]  # type: ignore[valid-type]
+MAX_SEED = 2**32 - 1
+MAX_SIDE = 4096
+
+
+def request_models(settings) -> dict[str, type[BaseModel]]:
+    """{"txt2img": ..., "img2img": ..., "inpaint": ...}: the request models under these settings."""
+    steps_rule = f"an integer in [1, {settings.max_steps}]"
+    images_rule = f"an integer in [1, {settings.max_images}]"
+    side_rule = (f"a multiple of 8 in [8, {MAX_SIDE}], with width * height at most {settings.max_pixels}; "
+                 "default: the model's native size (txt2img) or the uploaded image's size rounded down to 8")
+
+    class Txt2ImgRequest(BaseModel):
+        """Text-to-image: what to draw and how."""
+        model_config = ConfigDict(extra="forbid")
+
+        prompt: str = Field(..., max_length=4000, description="text of at most 4000 characters; what to draw",
+                            examples=["a red circle on a blue background"])
+        negative_prompt: str = Field("", max_length=4000, description="text of at most 4000 characters; what to steer away from")
+        steps: int = Field(20, ge=1, le=settings.max_steps, description=steps_rule)
+        guidance_scale: float = Field(7.5, ge=0, le=50, description="a number in [0, 50]; 1 = no guidance")
+        sampler: Sampler = Field("ddim", description=f"one of {', '.join(SAMPLERS)}")
+        seed: int = Field(-1, ge=-1, le=MAX_SEED,
+                          description=f"an integer in [-1, {MAX_SEED}]; -1 or left out: drawn at random (and reported)")
+        width: Optional[int] = Field(None, ge=8, le=MAX_SIDE, multiple_of=8, description=side_rule)
+        height: Optional[int] = Field(None, ge=8, le=MAX_SIDE, multiple_of=8, description=side_rule)
+        num_images: int = Field(1, ge=1, le=settings.max_images, description=images_rule)
+
+        @model_validator(mode="after")
+        def _pixels(self):
+            if self.width and self.height and self.width * self.height > settings.max_pixels:
+                raise ValueError(f"width * height must be at most {settings.max_pixels}, "
+                                 f"got {self.width}x{self.height} = {self.width * self.height}")
+            return self
+
+    class Img2ImgRequest(Txt2ImgRequest):
+        """Image-to-image (multipart form fields; the image is the `image` file)."""
+        model_config = ConfigDict(extra="ignore")  # the form also carries the files
+        strength: float = Field(0.75, ge=0, le=1, description="a number in [0, 1]; how far to move from the input")
+
+    class InpaintRequest(Txt2ImgRequest):
+        """Inpainting (multipart form fields; files `image` and optional `mask`, white = repaint;
+        without a mask the image's transparent pixels are repainted)."""
+        model_config = ConfigDict(extra="ignore")
+        strength: float = Field(1.0, ge=0, le=1, description="a number in [0, 1]; how far to move inside the mask")
+
+    return {"txt2img": Txt2ImgRequest, "img2img": Img2ImgRequest, "inpaint": InpaintRequest}
+
+
+class Parameters(BaseModel):
+    """Everything needed to make the same images again."""
+    mode: Mode
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    sampler: str
+    seed: int = Field(..., description="the seed used (drawn at random when the request had none)")
+    width: Optional[int] = Field(None, description="None until a worker has chosen the model's native size")
+    height: Optional[int] = None
+    num_images: int
+    strength: Optional[float] = None
+
+
+class ImageOut(BaseModel):
+    index: int = Field(..., description="0-based; images of one request share one seed and one noise draw")
+    seed: int
+    png_base64: str = Field(..., description="the PNG file, base64; its `parameters` text chunk holds the settings")
+
+
+class GenerationResponse(BaseModel):
+    """The JSON answer of a synchronous request (several images, or `Accept: application/json`)."""
+    job_id: str
+    seed: int
+    images: list[ImageOut]
+    parameters: Parameters
+
+
+class Progress(BaseModel):
+    step: int = Field(..., description="denoising steps done")
+    total: int = Field(..., description="denoising steps in all (0 until the job starts)")
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: Status
+    mode: Mode
+    progress: Progress
+    error: Optional[str] = Field(None, description="why the job failed (or the last error before a retry)")
+    attempts: int = Field(..., description="runs started (a job that raises is retried)")
+    seed: int
+    images: list[str] = Field(..., description="URLs of the result PNGs, once done")
+    parameters: Parameters
+    created_at: float = Field(..., description="Unix time")
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+
+
+class JobAccepted(BaseModel):
+    """The 202 answer of POST /jobs/{mode}: poll `status_url`, then fetch `image_url`."""
+    id: str
+    status: Status
+    seed: int
+    status_url: str
+    image_url: str
+
+
+class Error(BaseModel):
+    detail: str = Field(..., description="what went wrong, naming the field and its allowed values")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready", "not ready"]
+    queue: Literal["memory", "redis"]
+    workers: int = Field(..., description="workers that reported in during the last 30 s")
+    queue_depth: int = Field(..., description="jobs queued or running")
+    reason: Optional[str] = None

@@ -1,0 +1,131 @@
+"""Service settings: environment variables first, then command-line flags on top.
+
+    SD_WEIGHTS=weights/ SD_REDIS_URL=redis://localhost:6379/0 sd serve --port 8000
+    sd worker --redis redis://localhost:6379/0 --max-batch 8
+
+Every setting has an environment variable (SD_ + its name in capitals) and a flag
+(--name-with-dashes); a flag given on the command line wins. Lists (API keys) are
+comma-separated. Importing this module is cheap: it loads neither torch nor FastAPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+
+@dataclass(frozen=True)
+class Settings:
+    weights: str = str(DEFAULT_WEIGHTS)   # native dir, diffusers dir or one .safetensors/.ckpt file
+    redis_url: Optional[str] = None       # None: in-memory queue and an in-process worker
+    key_prefix: str = "sd"                # Redis keys are "{key_prefix}:..." (several services can share a Redis)
+    device: str = "auto"                  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"                   # "auto" (fp16 on cuda, fp32 on cpu), "fp32", "fp16", "bf16"
+    max_batch: int = 8                    # images per pipeline call (a bigger single job still runs, alone)
+    batch_window: float = 0.05            # seconds a worker waits for more jobs once it has one
+    queue_limit: int = 64                 # queued + running jobs; beyond it new jobs get 429
+    job_timeout: float = 300.0            # seconds a synchronous request waits before answering 504
+    result_ttl: int = 3600                # seconds jobs, inputs and result PNGs are kept
+    visibility_timeout: float = 300.0     # seconds before another worker may claim a job whose worker went silent
+    max_attempts: int = 3                 # a job that raises is retried until it has run this many times
+    max_pixels: int = 1024 * 1024         # width * height of a request, and of an uploaded image
+    max_steps: int = 150
+    max_images: int = 4                   # num_images of one request
+    max_upload_bytes: int = 10 * 1024 * 1024  # a whole request body
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no authentication
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def __post_init__(self):
+        positive = ("max_batch", "queue_limit", "job_timeout", "result_ttl", "visibility_timeout", "max_attempts",
+                    "max_pixels", "max_steps", "max_images", "max_upload_bytes")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.batch_window < 0:
+            raise ValueError(f"batch_window must be >= 0, got {self.batch_window!r}")
+        if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
+            raise ValueError(f"dtype must be one of auto, fp32, fp16, bf16, got {self.dtype!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Settings from SD_* variables (unset ones keep their defaults), then `overrides` (None = not given)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get("SD_" + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Settings from the environment, then the flags add_arguments() defined."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = {k: v for k, v in vars(args).items() if k in names}
+        if isinstance(given.get("api_keys"), str):
+            given["api_keys"] = _parse("api_keys", given["api_keys"])
+        return cls.from_env(environ, **given)
+
+    def torch_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def torch_dtype(self, device: str):
+        import torch
+
+        name = self.dtype if self.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _parse(name: str, raw: str):
+    f = {f.name: f for f in dataclasses.fields(Settings)}[name]
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if name == "api_keys":
+            return tuple(k.strip() for k in raw.split(",") if k.strip())
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ValueError(f"SD_{name.upper()} must be a{'n integer' if kind == 'int' else ' number'}, got {raw!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, http: bool) -> None:
+    """The flags of `sd serve` (http=True) and `sd worker`. Defaults are None: unset flags leave the
+    environment's value (or the built-in default) in place."""
+    p = parser.add_argument
+    p("--weights", help=f"native dir, diffusers dir or one .safetensors/.ckpt (env SD_WEIGHTS; default {DEFAULT_WEIGHTS})")
+    p("--redis", dest="redis_url", metavar="URL",
+      help="Redis URL, e.g. redis://localhost:6379/0 (env SD_REDIS_URL)" +
+           ("; without it the API runs its own worker on an in-memory queue" if http else ""))
+    p("--key-prefix", help="prefix of every Redis key (env SD_KEY_PREFIX; default sd)")
+    if http:
+        p("--host", help="address to listen on (env SD_HOST; default 127.0.0.1)")
+        p("--port", type=int, help="port (env SD_PORT; default 8000)")
+        p("--api-keys", metavar="K1,K2", help="accepted API keys; none: no authentication (env SD_API_KEYS)")
+        p("--queue-limit", type=int, help="queued + running jobs before 429 (default 64)")
+        p("--job-timeout", type=float, help="seconds a synchronous request waits before 504 (default 300)")
+        p("--max-pixels", type=int, help="largest width*height, asked for or uploaded (default 1048576)")
+        p("--max-steps", type=int, help="largest steps (default 150)")
+        p("--max-images", type=int, help="largest num_images (default 4)")
+        p("--max-upload-bytes", type=int, help="largest request body (default 10 MiB)")
+    p("--device", help="auto, cpu, cuda, cuda:N (env SD_DEVICE; default auto)")
+    p("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="(env SD_DTYPE; default auto: fp16 on cuda)")
+    p("--max-batch", type=int, help="images per pipeline call (default 8)")
+    p("--batch-window", type=float, help="seconds to wait for more jobs once one arrived (default 0.05)")
+    p("--result-ttl", type=int, help="seconds jobs and results are kept (default 3600)")
+    p("--visibility-timeout", type=float, help="seconds before a silent worker's jobs are claimed (default 300)")
+    p("--max-attempts", type=int, help="runs of a failing job before it is marked failed (default 3)")

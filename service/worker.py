@@ -1,0 +1,219 @@
+"""The worker: holds the model, runs jobs off the queue in batches.
+
+    sd worker --redis redis://localhost:6379/0
+
+Each turn of the loop:
+  1. take up to max_batch jobs (blocking for the first, then a short gather window for more),
+  2. group those that can share a forward pass: same mode, width, height, steps, sampler, strength,
+     and split groups to at most max_batch images,
+  3. run each group as ONE pipeline.generate call, every job with its own prompt, seed and guidance
+     (a job's images are the same as when it runs alone), reporting progress at every step,
+  4. encode each image as a PNG with its parameters chunk, store, signal the waiter, acknowledge.
+
+A group that raises is rerun job by job, so one bad job does not fail the others. A job that raises
+ValueError (its own bad input) fails at once; any other error is retried up to max_attempts runs.
+A cancelled job is stopped between steps (model.Cancelled) when every job of its group is cancelled,
+and otherwise left out of the results. On stop (SIGTERM), the running group finishes and the jobs
+taken but not started go back to the queue.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+
+from .metrics import observe
+
+log = logging.getLogger("sd.worker")
+
+HEARTBEAT_TTL = 30.0   # seconds a worker counts as alive after it last reported in
+TAKE_BLOCK = 1.0       # seconds a take blocks when the queue is empty (how soon a stop is noticed)
+
+
+def load_pipeline(settings):
+    from model import StableDiffusion
+
+    device = settings.torch_device()
+    log.info("loading %s on %s", settings.weights, device)
+    return StableDiffusion.from_pretrained(settings.weights, device=device, dtype=settings.torch_dtype(device))
+
+
+def group_key(job) -> tuple:
+    """Jobs with equal keys can run as one batch."""
+    p = job.params
+    return (job.mode, p["width"], p["height"], p["steps"], p["sampler"], p.get("strength"))
+
+
+def plan_batches(jobs: list, max_images: int) -> list[list]:
+    """Compatible jobs together, in order of arrival, at most max_images images per batch
+    (a job with more images than that runs alone)."""
+    groups: dict[tuple, list] = {}
+    for job in jobs:
+        groups.setdefault(group_key(job), []).append(job)
+    batches = []
+    for group in groups.values():
+        batch, images = [], 0
+        for job in group:
+            n = job.params["num_images"]
+            if batch and images + n > max_images:
+                batches.append(batch)
+                batch, images = [], 0
+            batch.append(job)
+            images += n
+        batches.append(batch)
+    return batches
+
+
+def _open_image(data: bytes, what: str):
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as e:  # noqa: BLE001  (the API checked it already; this is a second line)
+        raise ValueError(f"{what} is not a readable image: {e}") from e
+    return image
+
+
+class Worker:
+    def __init__(self, pipe, queue, settings, name: str | None = None):
+        self.pipe, self.queue, self.settings = pipe, queue, settings
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.calls = 0  # pipeline calls made: one per batch
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until `stop` is set; then finish the running batch and release the rest."""
+        log.info("worker %s ready (max_batch=%d)", self.name, self.settings.max_batch)
+        while not stop.is_set():
+            try:
+                self.run_once(stop)
+            except Exception:  # noqa: BLE001  (Redis down, ...: keep the worker alive and try again)
+                log.exception("worker loop error; retrying in 1 s")
+                stop.wait(1.0)
+        log.info("worker %s stopped", self.name)
+
+    def run_once(self, stop: threading.Event | None = None) -> int:
+        """One turn: take, group, run. Returns how many jobs were taken."""
+        self.queue.heartbeat(self.name, HEARTBEAT_TTL)
+        jobs = self.queue.take(self.settings.max_batch, block=TAKE_BLOCK, gather=self.settings.batch_window,
+                               consumer=self.name)
+        for job in jobs:  # txt2img jobs may leave the size to the model
+            job.params = {**job.params, "width": job.params.get("width") or self.pipe.native_size,
+                          "height": job.params.get("height") or self.pipe.native_size}
+        batches = plan_batches(jobs, self.settings.max_batch)
+        for i, batch in enumerate(batches):
+            if stop is not None and stop.is_set():
+                self.queue.release([job for b in batches[i:] for job in b])
+                break
+            self.run_batch(batch)
+        return len(jobs)
+
+    def run_batch(self, jobs: list) -> None:
+        from model import Cancelled
+
+        cancelled: set[str] = set()
+        try:
+            images = self._generate(jobs, cancelled)
+        except Cancelled:
+            for job in jobs:
+                self.queue.cancelled(job)
+            return
+        except Exception as e:  # noqa: BLE001
+            if len(jobs) > 1:
+                log.warning("batch of %d failed (%s); running its jobs one by one", len(jobs), e)
+                for job in jobs:
+                    self.run_batch([job])
+                return
+            job = jobs[0]
+            if isinstance(e, ValueError):  # the request's own fault: retrying cannot help
+                self.queue.fail(job, str(e), retry=False, kind="invalid")
+            else:
+                log.exception("job %s failed (attempt %d)", job.id, job.attempts)
+                self.queue.fail(job, f"{type(e).__name__}: {e}", retry=True)
+            return
+        from model.pnginfo import png_bytes
+
+        for job, job_images in zip(jobs, images):
+            if job.id in cancelled:
+                self.queue.cancelled(job)
+            else:
+                self.queue.finish(job, [png_bytes(img, img.info["generation"]) for img in job_images])
+
+    def _generate(self, jobs: list, cancelled: set[str]) -> list[list]:
+        from model import Cancelled, Request
+
+        requests = []
+        for job in jobs:
+            p = job.params
+            image = _open_image(job.inputs["image"], "image") if "image" in job.inputs else None
+            mask = _open_image(job.inputs["mask"], "mask") if "mask" in job.inputs else None
+            requests.append(Request(p["prompt"], p["negative_prompt"], p["seed"], p["guidance_scale"],
+                                    p["num_images"], image=image, mask=mask))
+        step_times: list[float] = []
+        last = [time.monotonic(), time.monotonic()]  # previous step, previous heartbeat
+
+        def callback(step: int, total: int) -> None:
+            now = time.monotonic()
+            step_times.append(now - last[0])
+            last[0] = now
+            cancelled.update(self.queue.progress(jobs, step, total, consumer=self.name))
+            if now - last[1] > HEARTBEAT_TTL / 3:
+                self.queue.heartbeat(self.name, HEARTBEAT_TTL)
+                last[1] = now
+            if len(cancelled) == len(jobs):
+                raise Cancelled()
+
+        mode, width, height, steps, sampler, strength = group_key(jobs[0])
+        self.calls += 1
+        try:
+            return self.pipe.generate(requests, mode=mode, steps=steps, sampler=sampler, width=width,
+                                      height=height, strength=strength, callback=callback)
+        finally:
+            stats = observe("sd_batch_size", sum(r.num_images for r in requests))
+            for t in step_times:
+                for k, v in observe("sd_step_seconds", t).items():
+                    stats[k] = stats.get(k, 0.0) + v
+            self.queue.record(stats)
+
+
+def start_in_thread(pipe, queue, settings) -> tuple[Worker, threading.Thread, threading.Event]:
+    """A worker in a daemon thread of this process (`sd serve` without Redis)."""
+    worker, stop = Worker(pipe, queue, settings, name=f"inprocess-{os.getpid()}"), threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), name="sd-worker", daemon=True)
+    thread.start()
+    return worker, thread, stop
+
+
+def main(settings) -> int:
+    """`sd worker`: load the model once, then work until SIGTERM/SIGINT."""
+    from .queue import RedisQueue
+
+    if not settings.redis_url:
+        print("sd worker: --redis URL (or SD_REDIS_URL) is required", flush=True)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    queue = RedisQueue(settings.redis_url, prefix=settings.key_prefix, result_ttl=settings.result_ttl,
+                       max_attempts=settings.max_attempts, visibility_timeout=settings.visibility_timeout)
+    worker = Worker(load_pipeline(settings), queue, settings)
+    stop = threading.Event()
+    signals = itertools.count()
+
+    def on_signal(signum, frame):
+        if next(signals) == 0:
+            log.info("signal %d: finishing the running batch, then stopping", signum)
+            stop.set()
+        else:  # a second signal: stop now (taken jobs come back after the visibility timeout)
+            raise SystemExit(1)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.run(stop)
+    queue.close()
+    return 0

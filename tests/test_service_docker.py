@@ -1,0 +1,31 @@
+"""The container files, checked as text (no Docker engine here; hadolint and the Compose Specification
+schema were run on them by hand, see docs/service.md): the compose file has redis + api + a GPU worker
+that scales, and the image runs as a non-root user with a health check."""
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compose_redis_api_and_scalable_gpu_worker():
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"redis", "api", "worker"}
+    api, worker = services["api"], services["worker"]
+    assert api["environment"]["SD_REDIS_URL"] == worker["environment"]["SD_REDIS_URL"] == "redis://redis:6379/0"
+    assert api["command"][:2] == ["sd", "serve"] and worker["command"] == ["sd", "worker"]
+    assert "container_name" not in worker and "ports" not in worker  # so --scale worker=N works
+    gpu = worker["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
+    assert (ROOT / api["build"]["context"].replace("..", ".") / "Dockerfile").exists()
+
+
+def test_dockerfile_non_root_with_healthcheck():
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    users = [line for line in lines if line.startswith("USER ")]
+    assert users and users[-1] not in ("USER root", "USER 0")
+    assert any(line.startswith("HEALTHCHECK") for line in lines)
+    assert any("/healthz" in line for line in lines)
+    assert lines[-1] == 'CMD ["sd", "serve"]'
