@@ -157,3 +157,44 @@ def eval_prompts(variants=3):
                                    backgrounds[(i + 3 * k) % len(backgrounds)]))
     return specs
 
+
+
+# -----------------------------------------------------------------------------
+# evaluating a model: generate one image per prompt, read it back, score seen and held-out pairs
+
+
+def generate(pipe, specs, *, guidance_scale=7.5, steps=20, sampler="ddim", batch_size=24):
+    """One image per spec through `pipe` (a StableDiffusion): prompt = spec.caption(0), seed = its index."""
+    from .pipeline import Request
+
+    requests = [Request(spec.caption(0), seed=i, guidance_scale=guidance_scale) for i, spec in enumerate(specs)]
+    images = []
+    for k in range(0, len(requests), batch_size):
+        images += [batch[0] for batch in pipe.generate(requests[k:k + batch_size], steps=steps, sampler=sampler)]
+    return images
+
+
+def score_split(images, specs):
+    """{"seen": accuracies, "held_out": accuracies} over the images of seen and of HELD_OUT pairs."""
+    result = {}
+    for name, held_out in (("seen", False), ("held_out", True)):
+        picked = [(img, s) for img, s in zip(images, specs) if s.held_out == held_out]
+        if picked:
+            result[name] = score([classify(img) for img, _ in picked], [s for _, s in picked])
+    return result
+
+
+def ground_truth(specs, seed=0):
+    """score_split of the data set's own renderings (with its colour and position jitter): the
+    classifier's accuracy on ground truth, the ceiling for any model."""
+    rng = np.random.default_rng(seed)
+    return score_split([spec.render(rng=rng) for spec in specs], specs)
+
+
+def format_scores(title, split):
+    """A few aligned lines: one per split, accuracy per attribute in percent."""
+    lines = [title]
+    for name, accuracies in split.items():
+        cells = "  ".join(f"{a} {100 * accuracies[a]:5.1f}%" for a in (*ATTRIBUTES, "all"))
+        lines.append(f"  {name:<9}{cells}")
+    return "\n".join(lines)

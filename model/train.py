@@ -45,9 +45,9 @@ import torch
 
 from .clip import CLIPTextConfig, CLIPTextModel
 from .data import ImageFolderDataset, ShapesDataset, all_captions
-from .pipeline import Request, StableDiffusion, to_pil
+from .pipeline import StableDiffusion, to_pil
 from .samplers import Schedule
-from .shapes_eval import classify, eval_prompts, score
+from .shapes_eval import eval_prompts, generate, score_split
 from .tokenizer import CLIPTokenizer, train_bpe
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -421,14 +421,8 @@ def sample_and_score(components, specs, steps=20, guidance_scale=7.5):
     """One image per spec (seed = its index) through the pipeline, and the shapes classifier's accuracy on
     them, for seen and held-out (colour, shape) pairs."""
     pipe = StableDiffusion(components, name="training")
-    requests = [Request(spec.caption(0), seed=i, guidance_scale=guidance_scale) for i, spec in enumerate(specs)]
-    images = [batch[0] for batch in pipe.generate(requests, steps=steps, sampler="ddim")]
-    result = {}
-    for name, keep in (("seen", False), ("held_out", True)):
-        picked = [(img, s) for img, s in zip(images, specs) if s.held_out == keep]
-        if picked:
-            scores = score([classify(img) for img, _ in picked], [s for _, s in picked])
-            result[name] = {k: round(v, 3) for k, v in scores.items()}
+    images = generate(pipe, specs, guidance_scale=guidance_scale, steps=steps, batch_size=len(specs))
+    result = {name: {k: round(v, 3) for k, v in scores.items()} for name, scores in score_split(images, specs).items()}
     return images, result
 
 # -----------------------------------------------------------------------------
