@@ -7,6 +7,8 @@ Synchronous endpoints (POST /txt2img, /img2img, /inpaint) put a job on the queue
 it; POST /jobs/{mode} answers 202 at once and the job is followed with GET /jobs/{id}. Limits
 are checked before anything is decoded or computed: the body size while it streams in (413),
 the upload's format (415) and pixel count (413) from its header, the fields by the schema (422).
+The OpenAI Images API (/v1/images, compat_openai.py) and a subset of the AUTOMATIC1111 API
+(/sdapi/v1, compat_a1111.py) make the same jobs on the same queue.
 """
 
 import asyncio
@@ -141,9 +143,13 @@ class CountRequests:
 
 async def read_image(upload: UploadFile, what: str, settings: Settings):
     """The upload's bytes and its opened (header-only) image; 413/415 before any pixel is decoded."""
+    return open_image(await upload.read(), what, settings)
+
+
+def open_image(data: bytes, what: str, settings: Settings):
+    """read_image for bytes already in hand (the compatibility APIs' base64 images)."""
     from PIL import Image, UnidentifiedImageError
 
-    data = await upload.read()
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(413, f"{what} is {len(data)} bytes; at most {settings.max_upload_bytes} are accepted")
     try:
@@ -199,8 +205,8 @@ def job_status(request: Request, state: JobState) -> schemas.JobStatus:
         finished_at=state.finished)
 
 
-async def wait_and_answer(request: Request, queue, settings: Settings, state: JobState):
-    """Wait for the job; one PNG, or JSON with every image, its seed and parameters."""
+async def wait_for_result(queue, settings: Settings, state: JobState) -> tuple[JobState, list[bytes]]:
+    """Wait for the job; its final state and PNGs, or the HTTPException that says why there are none."""
     job_id = state.id
     state = await queue.wait(job_id, settings.job_timeout)
     if state is None:
@@ -216,7 +222,13 @@ async def wait_and_answer(request: Request, queue, settings: Settings, state: Jo
     pngs = [await queue.result(job_id, n) for n in range(state.images)]
     if any(p is None for p in pngs):
         raise HTTPException(500, f"the results of job {job_id} expired")
-    seed = state.params["seed"]
+    return state, pngs
+
+
+async def wait_and_answer(request: Request, queue, settings: Settings, state: JobState):
+    """Wait for the job; one PNG, or JSON with every image, its seed and parameters."""
+    state, pngs = await wait_for_result(queue, settings, state)
+    job_id, seed = state.id, state.params["seed"]
     headers = {"X-Seed": str(seed), "X-Job-Id": job_id}
     if len(pngs) == 1 and "application/json" not in request.headers.get("accept", ""):
         return Response(pngs[0], media_type="image/png", headers=headers)
@@ -407,6 +419,10 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
         return job_status(request, await queue.cancel(job_id))
 
     app.include_router(api)
+    from . import compat_a1111, compat_openai  # they import this module
+
+    app.include_router(compat_openai.router(settings))
+    app.include_router(compat_a1111.router(settings))
 
     @app.get("/healthz", response_model=schemas.Health, summary="Liveness: the process answers")
     async def healthz():

@@ -1,0 +1,273 @@
+"""A subset of the AUTOMATIC1111 web UI API (/sdapi/v1), on the same queue and worker as the native API.
+
+    POST /sdapi/v1/txt2img     {prompt, negative_prompt, steps, cfg_scale, sampler_name, seed, width, height,
+                                batch_size, n_iter}                                    -> txt2img jobs
+    POST /sdapi/v1/img2img     the same + init_images [base64], denoising_strength, mask (base64, white =
+                                repaint), inpainting_mask_invert                       -> img2img / inpaint jobs
+    GET  /sdapi/v1/samplers    the sampler names this server knows
+    GET  /sdapi/v1/progress    progress of the oldest running request made here
+    POST /sdapi/v1/interrupt   cancel that request's jobs; it answers the images already finished
+
+Answers are `{"images": [base64 PNG], "parameters": {...}, "info": "<JSON string>"}`. As in the web UI,
+the i-th of the batch_size * n_iter images has seed + i (each image is one job, so each is remade
+alone by its seed), and seed -1 draws one. Fields this subset does not serve (hires fix, scripts,
+styles, ...) are ignored. The API key (when configured) is sent as `Authorization: Bearer KEY`,
+`X-API-Key: KEY`, or as the password of HTTP basic auth (webuiapi's `set_auth`). Progress and
+interrupt see the requests of this API process only.
+"""
+
+import base64
+import binascii
+import hmac
+import io
+import json
+import secrets
+import time
+from typing import Optional
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import schemas
+from .api import _error_message, _size, get_settings, open_image, require_api_key, submit, wait_for_result
+from .queue import ENDED
+from .settings import Settings
+
+# the web UI's sampler names -> this project's
+SAMPLERS = {"DDIM": "ddim", "DDPM": "ddpm", "Euler": "euler", "Euler a": "euler_a", "DPM++ 2M": "dpmpp_2m",
+            "DPM++ 2M Karras": "dpmpp_2m_karras", "Euler Karras": "euler_karras", "Euler a Karras": "euler_a_karras"}
+SCHEDULERS = ("automatic", "uniform", "karras")  # the web UI's scheduler names this subset serves
+
+
+def sampler_of(name: Optional[str], scheduler: Optional[str]) -> str:
+    """A web UI sampler name (or this project's), with the web UI's separate scheduler, as this project's."""
+    by_name = {k.lower(): v for k, v in SAMPLERS.items()} | {v: v for v in SAMPLERS.values()}
+    sampler = by_name.get((name or "Euler a").lower())
+    if sampler is None:
+        raise ValueError(f"sampler_name must be one of {', '.join(SAMPLERS)}, got {name!r}")
+    scheduler = (scheduler or "automatic").lower()
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    if scheduler == "karras" and not sampler.endswith("_karras"):
+        if sampler + "_karras" not in SAMPLERS.values():
+            raise ValueError(f"scheduler karras is served with Euler, Euler a and DPM++ 2M, not {name!r}")
+        sampler += "_karras"
+    return sampler
+
+
+def request_models(settings: Settings) -> dict[str, type[BaseModel]]:
+    images_rule = f"an integer in [1, {settings.max_images}]; so is batch_size * n_iter"
+
+    class WebUITxt2ImgRequest(BaseModel):
+        """The web UI's txt2img request (the fields of this subset; others are ignored)."""
+        model_config = ConfigDict(extra="ignore")
+
+        prompt: str = ""
+        negative_prompt: str = ""
+        steps: int = 50
+        cfg_scale: float = Field(7.0, ge=0, le=50, description="a number in [0, 50]")
+        sampler_name: Optional[str] = Field(None, description=f"one of {', '.join(SAMPLERS)}")
+        sampler_index: Optional[str] = Field(None, description="deprecated name of sampler_name")
+        scheduler: Optional[str] = Field(None, description=f"one of {', '.join(SCHEDULERS)}")
+        seed: int = -1
+        width: Optional[int] = None
+        height: Optional[int] = None
+        batch_size: int = Field(1, ge=1, le=settings.max_images, description=images_rule)
+        n_iter: int = Field(1, ge=1, le=settings.max_images, description=images_rule)
+
+    class WebUIImg2ImgRequest(WebUITxt2ImgRequest):
+        init_images: list[str] = Field(..., min_length=1, max_length=1,
+                                       description="a list of one base64 image (PNG, JPEG, ...)")
+        denoising_strength: float = Field(0.75, ge=0, le=1, description="a number in [0, 1]")
+        mask: Optional[str] = Field(None, description="a base64 image; white = repaint")
+        inpainting_mask_invert: int = Field(0, ge=0, le=1, description="0 or 1; 1: black = repaint")
+
+    return {"txt2img": WebUITxt2ImgRequest, "img2img": WebUIImg2ImgRequest}
+
+
+def b64decode(text: str, what: str) -> bytes:
+    """A web UI base64 image, with or without its `data:image/png;base64,` head."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(422, f"{what} is not base64 text")
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def api_key_or_basic(request: Request, settings: Settings = Depends(get_settings)) -> None:
+    """The service's API key; also as the password of HTTP basic auth, as the web UI's --api-auth."""
+    auth = request.headers.get("authorization", "")
+    if settings.api_keys and auth[:6].lower() == "basic ":
+        try:
+            password = base64.b64decode(auth[6:].strip()).decode().partition(":")[2]
+        except (binascii.Error, ValueError):
+            password = ""
+        ok = False
+        for key in settings.api_keys:
+            ok |= hmac.compare_digest(password.encode(), key.encode())
+        if password and ok:
+            return
+    require_api_key(request, settings)
+
+
+def router(settings: Settings) -> APIRouter:
+    native = schemas.request_models(settings)
+    models = request_models(settings)
+    rules = {name: f.description.split(";")[0] for m in [*native.values(), *models.values()]
+             for name, f in m.model_fields.items() if f.description}
+    active: list[list[str]] = []  # job ids of the requests in progress here, oldest first
+
+    class Errors(APIRoute):
+        """422 messages that name the web UI's fields and their ranges."""
+
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def route(request: Request):
+                try:
+                    return await handler(request)
+                except RequestValidationError as e:
+                    return JSONResponse({"detail": "; ".join(_error_message(x, rules) for x in e.errors())}, 422)
+
+            return route
+
+    api = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"], route_class=Errors,
+                    dependencies=[Depends(api_key_or_basic)])
+    Txt2Img, Img2Img = models["txt2img"], models["img2img"]
+
+    def native_params(body, mode: str, seed: int) -> dict:
+        """The native request of one image (so the job is the one the native endpoint makes)."""
+        params = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
+                  "guidance_scale": body.cfg_scale, "seed": seed, "width": body.width, "height": body.height,
+                  "num_images": 1}
+        if mode != "txt2img":
+            params["strength"] = body.denoising_strength
+        try:
+            params["sampler"] = sampler_of(body.sampler_name or body.sampler_index, body.scheduler)
+            return native[mode](**params).model_dump()
+        except ValueError as e:  # pydantic's ValidationError is one
+            errors = e.errors() if isinstance(e, ValidationError) else [{"type": "value_error", "loc": (),
+                                                                         "msg": str(e)}]
+            raise RequestValidationError(errors)
+
+    async def run(request: Request, body, mode: str, params: dict, inputs: dict) -> JSONResponse:
+        """One job per image, seeds seed, seed + 1, ...; wait for all; the web UI's answer."""
+        queue, count = request.app.state.queue, body.batch_size * body.n_iter
+        if count > settings.max_images:
+            raise HTTPException(422, f"batch_size * n_iter must be at most {settings.max_images}, got {count}")
+        if body.seed == -1:
+            params = {**params, "seed": secrets.randbelow(schemas.MAX_SEED + 1 - count)}
+        seed = params["seed"]
+        if seed + count - 1 > schemas.MAX_SEED:
+            raise HTTPException(422, f"seed + batch_size * n_iter - 1 must be at most {schemas.MAX_SEED}")
+        ids: list[str] = []
+        active.append(ids)
+        try:
+            try:
+                for i in range(count):
+                    ids.append((await submit(queue, settings, mode, {**params, "seed": seed + i}, inputs)).id)
+            except HTTPException:  # queue full part way: take back what went in
+                for job_id in ids:
+                    await queue.cancel(job_id)
+                raise
+            images, seeds, interrupted = [], [], False
+            for job_id in ids:
+                try:
+                    state, pngs = await wait_for_result(queue, settings, await queue.state(job_id))
+                except HTTPException as e:
+                    if e.status_code != 409:  # 409: cancelled by /interrupt (or DELETE /jobs/{id})
+                        raise
+                    interrupted = True
+                    continue
+                images.append(base64.b64encode(pngs[0]).decode())
+                seeds.append(state.params["seed"])
+        finally:
+            active.remove(ids)
+        p = params
+        sampler = next((k for k, v in SAMPLERS.items() if v == p["sampler"]), p["sampler"])
+        width, height = p["width"], p["height"]
+        if width is None and seeds:  # txt2img left the size to the worker: the model's native size
+            width, height = state.params["width"], state.params["height"]
+        n, infotexts = len(seeds), [f"{p['prompt']}\nNegative prompt: {p['negative_prompt']}\nSteps: {p['steps']}, "
+                                    f"Sampler: {sampler}, CFG scale: {p['guidance_scale']:g}, Seed: {s}, "
+                                    f"Size: {width}x{height}" for s in seeds]
+        info = {"prompt": p["prompt"], "all_prompts": [p["prompt"]] * n, "negative_prompt": p["negative_prompt"],
+                "all_negative_prompts": [p["negative_prompt"]] * n, "seed": seed, "all_seeds": seeds,
+                "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0, "width": width, "height": height,
+                "sampler_name": sampler, "cfg_scale": p["guidance_scale"], "steps": p["steps"],
+                "batch_size": body.batch_size, "n_iter": body.n_iter, "denoising_strength": p.get("strength"),
+                "infotexts": infotexts, "mode": mode, "job_ids": ids, "interrupted": interrupted}
+        parameters = body.model_dump(exclude={"init_images", "mask"})
+        return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(info)})
+
+    @api.post("/txt2img", summary="Web UI: text to image")
+    async def txt2img(request: Request, body: Txt2Img):
+        return await run(request, body, "txt2img", native_params(body, "txt2img", body.seed), {})
+
+    @api.post("/img2img", summary="Web UI: image to image; with a mask (white = repaint), inpainting")
+    async def img2img(request: Request, body: Img2Img):
+        data, image = open_image(b64decode(body.init_images[0], "init_images[0]"), "init_images[0]", settings)
+        inputs, mode = {"image": data}, "img2img"
+        if body.mask is not None:
+            mask_data, mask = open_image(b64decode(body.mask, "mask"), "mask", settings)
+            if mask.size != image.size:
+                raise HTTPException(422, f"mask size {mask.width}x{mask.height} must equal the size of "
+                                         f"init_images[0], {image.width}x{image.height}")
+            if body.inpainting_mask_invert:
+                from PIL import ImageOps
+
+                mask_data = png_bytes(ImageOps.invert(mask.convert("L")))
+            inputs["mask"], mode = mask_data, "inpaint"
+        params = _size(native_params(body, mode, body.seed), image, settings)
+        return await run(request, body, mode, params, inputs)
+
+    @api.get("/samplers", summary="Web UI: the samplers (name, aliases = this project's name)")
+    async def samplers():
+        return [{"name": name, "aliases": [ours], "options": {}} for name, ours in SAMPLERS.items()]
+
+    async def current(queue) -> list:
+        """The states of the oldest request in progress here."""
+        for ids in list(active):
+            states = [s for s in [await queue.state(i) for i in ids] if s is not None]
+            if any(s.status not in ENDED for s in states):
+                return states
+        return []
+
+    @api.get("/progress", summary="Web UI: progress of the oldest request in progress")
+    async def progress(request: Request, skip_current_image: bool = False):
+        states = await current(request.app.state.queue)
+        steps = [s.params["steps"] for s in states]
+        done = [s.params["steps"] if s.status in ENDED else min(s.step, s.params["steps"]) for s in states]
+        fraction = sum(done) / sum(steps) if steps else 0.0
+        running = next((s for s in states if s.status == "running"), None)
+        started = min((s.started for s in states if s.started), default=None)
+        elapsed = time.time() - started if started else 0.0
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        state = {"skipped": False, "interrupted": any(s.status == "cancelled" for s in states),
+                 "stopping_generation": False, "job": states[0].id if states else "", "job_count": len(states),
+                 "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(states[0].created)) if states else "0",
+                 "job_no": sum(s.status in ENDED for s in states),
+                 "sampling_step": running.step if running else 0,
+                 "sampling_steps": running.params["steps"] if running else 0}
+        return {"progress": round(fraction, 4), "eta_relative": round(eta, 3), "state": state,
+                "current_image": None, "textinfo": None, "current_task": states[0].id if states else None}
+
+    @api.post("/interrupt", summary="Web UI: stop the oldest request in progress (its finished images come back)")
+    async def interrupt(request: Request):
+        queue = request.app.state.queue
+        for state in await current(queue):
+            if state.status not in ENDED:
+                await queue.cancel(state.id)
+        return {}
+
+    return api

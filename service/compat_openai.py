@@ -1,0 +1,216 @@
+"""OpenAI Images API on the same queue and worker as the native API.
+
+    POST /v1/images/generations   JSON {prompt, n, size "WxH", response_format, model, ...} -> a txt2img job
+    POST /v1/images/edits         multipart {image, mask?, prompt, n, size, ...}            -> an inpaint job
+
+Answers are `{"created", "data": [{"b64_json"} or {"url"}], "model", "size", "output_format", "seed"}`;
+every error, the API key's included, is `{"error": {"message", "type", "param", "code"}}`. The
+service's API key is the OpenAI key (`Authorization: Bearer KEY`). The mask follows OpenAI: its
+fully transparent pixels (alpha 0) are repainted; without a mask, the image's own transparent pixels.
+`response_format="url"` answers links to /jobs/{id}/image/{n} (kept SD_RESULT_TTL seconds; they need
+the API key like every other route). `model`, `quality`, `style`, `user` and the like are accepted:
+this server has one model. The native fields negative_prompt, steps, guidance_scale, sampler, seed
+(and strength for edits) may be added to a request as extensions.
+"""
+
+import base64
+import io
+import time
+from typing import Annotated, Literal, Optional
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import schemas
+from .api import (RETRY_AFTER, _error_message, _size, get_queue, open_image, read_image, require_api_key, submit,
+                  wait_for_result)
+from .queue import QueueUnavailable
+from .settings import Settings
+
+DEFAULT_MODEL = "sd-from-scratch"
+EXTENSIONS = ("negative_prompt", "steps", "guidance_scale", "sampler", "seed")  # native fields, passed through
+# status of a native error -> (OpenAI status, type, code)
+KINDS = {400: (400, "invalid_request_error", "invalid_value"), 413: (400, "invalid_request_error", "too_large"),
+         415: (400, "invalid_request_error", "invalid_image_format"),
+         422: (400, "invalid_request_error", "invalid_value"),
+         401: (401, "invalid_request_error", "invalid_api_key"), 409: (409, "invalid_request_error", "job_cancelled"),
+         429: (429, "requests", "rate_limit_exceeded"), 503: (503, "server_error", "queue_unavailable"),
+         504: (504, "server_error", "timeout")}
+
+
+def error(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+          headers: Optional[dict] = None) -> JSONResponse:
+    """An error in OpenAI's shape, the native status mapped to OpenAI's."""
+    status, kind, default_code = KINDS.get(status, (status, "server_error" if status >= 500 else
+                                                    "invalid_request_error", None))
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code or default_code}}
+    return JSONResponse(body, status, headers=headers)
+
+
+def size_of(size: Optional[str], settings: Settings) -> tuple[Optional[int], Optional[int]]:
+    """'WIDTHxHEIGHT' -> (width, height); None or 'auto' -> (None, None): the native or the image's size."""
+    if size is None or size == "auto":
+        return None, None
+    w, _, h = size.lower().partition("x")
+    if not (w.isdigit() and h.isdigit()):
+        raise ValueError("not WIDTHxHEIGHT")
+    width, height = int(w), int(h)
+    if not all(8 <= s <= schemas.MAX_SIDE and s % 8 == 0 for s in (width, height)) or \
+            width * height > settings.max_pixels:
+        raise ValueError("out of range")
+    return width, height
+
+
+def request_models(settings: Settings) -> dict[str, type[BaseModel]]:
+    n_rule = f"an integer in [1, {settings.max_images}]"
+    size_rule = (f"'WIDTHxHEIGHT' with multiples of 8 in [8, {schemas.MAX_SIDE}] and WIDTH * HEIGHT at most "
+                 f"{settings.max_pixels}, or 'auto'; default: the model's native size (the image's, for edits)")
+
+    class OpenAIImageRequest(BaseModel):
+        """OpenAI's image generation request (plus the native fields of EXTENSIONS)."""
+        model_config = ConfigDict(extra="forbid")
+
+        prompt: str = Field(..., description="text of at most 4000 characters; what to draw")
+        model: Optional[str] = Field(None, description="any text; accepted and reported (this server has one model)")
+        n: Optional[int] = Field(1, ge=1, le=settings.max_images, description=n_rule)
+        size: Optional[str] = Field(None, description=size_rule)
+        response_format: Optional[Literal["b64_json", "url"]] = Field(
+            "b64_json", description="one of b64_json, url; url: links to /jobs/{id}/image/{n}")
+        output_format: Optional[Literal["png"]] = Field(None, description="png; the only format served")
+        stream: Optional[Literal[False]] = Field(None, description="false; streaming is not served")
+        quality: Optional[str] = Field(None, description="any text; ignored")
+        style: Optional[str] = Field(None, description="any text; ignored")
+        user: Optional[str] = Field(None, description="any text; ignored")
+        safety_identifier: Optional[str] = Field(None, description="any text; ignored")
+        background: Optional[str] = Field(None, description="any text; ignored")
+        moderation: Optional[str] = Field(None, description="any text; ignored")
+        # native extensions: validated by the native request model
+        negative_prompt: Optional[str] = None
+        steps: Optional[int] = None
+        guidance_scale: Optional[float] = None
+        sampler: Optional[str] = None
+        seed: Optional[int] = None
+
+        @field_validator("size")
+        @classmethod
+        def _size(cls, v):
+            size_of(v, settings)
+            return v
+
+    class OpenAIEditRequest(OpenAIImageRequest):
+        """OpenAI's image edit request (multipart form fields; files `image` and optional `mask`)."""
+        model_config = ConfigDict(extra="ignore")  # the form also carries the files
+        strength: Optional[float] = None
+
+    return {"generation": OpenAIImageRequest, "edit": OpenAIEditRequest}
+
+
+def has_alpha(image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+
+
+def repaint_mask(data: bytes, image, settings: Settings) -> bytes:
+    """OpenAI's mask (alpha 0 = repaint) as the native one (white = repaint), a PNG."""
+    from PIL import Image
+
+    _, mask = open_image(data, "mask", settings)
+    if mask.size != image.size:
+        raise HTTPException(422, f"mask size {mask.width}x{mask.height} must equal the image size "
+                                 f"{image.width}x{image.height}")
+    if not has_alpha(mask):
+        raise HTTPException(422, "mask must have an alpha channel: its fully transparent pixels (alpha 0) mark "
+                                 "what to repaint")
+    alpha = mask.convert("RGBA").getchannel("A")
+    white = Image.eval(alpha, lambda a: 255 if a == 0 else 0)
+    buf = io.BytesIO()
+    white.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def router(settings: Settings) -> APIRouter:
+    """The /v1/images routes; their errors, validation and API key included, in OpenAI's shape."""
+    native = schemas.request_models(settings)
+    models = request_models(settings)
+    rules = {name: f.description.split(";")[0] for m in [*native.values(), *models.values()]
+             for name, f in m.model_fields.items() if f.description}
+    fields = set(rules) | {"image", "mask"}
+
+    def invalid(errors: list) -> JSONResponse:
+        err = errors[0]
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "header")]
+        param = loc[0] if loc else None
+        code = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}.get(err.get("type"))
+        return error(400, "; ".join(_error_message(e, rules) for e in errors), param, code)
+
+    class OpenAIErrors(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def route(request: Request):
+                try:
+                    return await handler(request)
+                except RequestValidationError as e:
+                    return invalid(e.errors())
+                except StarletteHTTPException as e:
+                    first = str(e.detail).split(" ")[0]
+                    return error(e.status_code, str(e.detail), first if first in fields else None,
+                                 headers=e.headers)
+                except QueueUnavailable as e:
+                    return error(503, f"queue unavailable: {e}", headers={"Retry-After": RETRY_AFTER})
+
+            return route
+
+    api = APIRouter(prefix="/v1/images", tags=["OpenAI compatible"], route_class=OpenAIErrors,
+                    dependencies=[Depends(require_api_key)])
+    ImageRequest, EditRequest = models["generation"], models["edit"]
+
+    def native_params(body, mode: str) -> dict:
+        """The native request these fields make (so the job is the one the native endpoint makes)."""
+        width, height = size_of(body.size, settings)
+        extras = EXTENSIONS + (("strength",) if mode == "inpaint" else ())
+        params = {"prompt": body.prompt, "num_images": body.n or 1, "width": width, "height": height,
+                  **{k: getattr(body, k) for k in extras if getattr(body, k) is not None}}
+        try:
+            return native[mode](**params).model_dump()
+        except ValidationError as e:
+            raise RequestValidationError(e.errors())
+
+    async def answer(request: Request, body, state) -> JSONResponse:
+        state, pngs = await wait_for_result(request.app.state.queue, settings, state)
+        if body.response_format == "url":
+            data = [{"url": str(request.url_for("job_image_n", job_id=state.id, n=n))} for n in range(len(pngs))]
+        else:
+            data = [{"b64_json": base64.b64encode(p).decode()} for p in pngs]
+        p = state.params
+        return JSONResponse({"created": int(state.finished or time.time()), "data": data,
+                             "model": body.model or DEFAULT_MODEL, "output_format": "png",
+                             "size": f"{p['width']}x{p['height']}" if p.get("width") else None,
+                             "seed": p["seed"], "job_id": state.id})
+
+    @api.post("/generations", summary="OpenAI: create images from a prompt (a txt2img job)")
+    async def generations(request: Request, body: ImageRequest, queue=Depends(get_queue)):
+        state = await submit(queue, settings, "txt2img", native_params(body, "txt2img"), {})
+        return await answer(request, body, state)
+
+    @api.post("/edits", summary="OpenAI: repaint an image where the mask is transparent (an inpaint job)")
+    async def edits(request: Request, body: Annotated[EditRequest, Form()], queue=Depends(get_queue),
+                    image: Annotated[Optional[UploadFile], File(description="the image to edit")] = None,
+                    images: Annotated[Optional[list[UploadFile]], File(alias="image[]")] = None,
+                    mask: Annotated[Optional[UploadFile], File(description="alpha 0 = repaint")] = None):
+        uploads = ([image] if image is not None else []) + (images or [])
+        if len(uploads) != 1:
+            raise HTTPException(422, f"image is required, exactly one (got {len(uploads)})")
+        data, img = await read_image(uploads[0], "image", settings)
+        inputs = {"image": data}
+        if mask is not None:
+            inputs["mask"] = repaint_mask(await mask.read(), img, settings)
+        elif not has_alpha(img):
+            raise HTTPException(422, "mask is required: the image has no transparent pixels to repaint")
+        params = _size(native_params(body, "inpaint"), img, settings)
+        return await answer(request, body, await submit(queue, settings, "inpaint", params, inputs))
+
+    return api
