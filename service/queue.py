@@ -33,6 +33,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+GATHER_POLL = 0.002     # seconds between a Redis worker's reads during its gather window
+SOCKET_TIMEOUT = 10.0   # seconds a Redis reply may take before the queue counts as unreachable
+BLOCK_SLICE = 5.0       # longest blocking Redis read (BLPOP, XREADGROUP), well under SOCKET_TIMEOUT:
+                        # longer waits are several reads, so no wait is mistaken for a dead Redis
+
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ENDED = ("done", "failed", "cancelled")
 
@@ -368,7 +373,8 @@ class RedisQueue:
         import redis.asyncio
 
         if self._async is None:
-            self._async = redis.asyncio.Redis.from_url(self.url, socket_connect_timeout=2)
+            self._async = redis.asyncio.Redis.from_url(self.url, socket_connect_timeout=2,
+                                                      socket_timeout=SOCKET_TIMEOUT)
             self._async_transition = self._async.register_script(_TRANSITION)
         return self._async
 
@@ -420,7 +426,8 @@ class RedisQueue:
             if remaining <= 0:
                 break
             # blocks in Redis until the worker pushes the token; put it back for any other waiter
-            got = await self._call(lambda r: r.blpop([self._done(job_id)], timeout=max(0.01, remaining)))
+            block = max(0.01, min(remaining, BLOCK_SLICE))
+            got = await self._call(lambda r: r.blpop([self._done(job_id)], timeout=block))
             if got:
                 await self._call(lambda r: r.rpush(self._done(job_id), b"1"))
             state = await self.state(job_id)
@@ -461,7 +468,7 @@ class RedisQueue:
         import redis
 
         if self._sync is None:
-            self._sync = redis.Redis.from_url(self.url, socket_connect_timeout=5)
+            self._sync = redis.Redis.from_url(self.url, socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT)
             self._transition = self._sync.register_script(_TRANSITION)
             try:
                 self._sync.xgroup_create(self.stream, self.GROUP, id="0", mkstream=True)
@@ -485,23 +492,28 @@ class RedisQueue:
         _, claimed, _ = r.xautoclaim(self.stream, self.GROUP, consumer, min_idle_time=self.visibility_ms,
                                      start_id="0-0", count=max_jobs)
         entries = [(e, f) for e, f in claimed if f]
-        end = time.monotonic() + (gather if entries else block)
-        while len(entries) < max_jobs:
-            wait_s = end - time.monotonic()
-            if wait_s <= 0:
-                break
-            got = r.xreadgroup(self.GROUP, consumer, {self.stream: ">"}, count=max_jobs - len(entries),
-                               block=max(1, int(wait_s * 1000)))  # blocks in Redis; 0 would mean forever
-            new = [item for _, items in got or [] for item in items]
-            if new and not entries:  # the first job is in: wait only the gather window for more
-                end = min(end, time.monotonic() + gather)
-            entries += new
+        if len(entries) < max_jobs:
+            entries += self._read(r, consumer, max_jobs - len(entries), None if entries else block)
+        # The first job is in: give others `gather` s to join it. Redis ends a blocking read that times out
+        # only at its next tick (every 100 ms at its default hz of 10), far too late for a window of a few
+        # ms, so the window is kept here: short sleeps, each followed by a read that does not block.
+        end = time.monotonic() + gather
+        while entries and len(entries) < max_jobs and (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, GATHER_POLL))
+            entries += self._read(r, consumer, max_jobs - len(entries), None)
         jobs = []
         for entry, fields in entries:
             job = self._start(r, entry.decode(), fields[b"id"].decode(), consumer)
             if job is not None:
                 jobs.append(job)
         return jobs
+
+    def _read(self, r, consumer: str, count: int, block: Optional[float]) -> list:
+        """Up to `count` new stream entries for `consumer`, waiting up to `block` s for the first (Redis
+        answers as soon as one is added); block None: answer at once."""
+        block_ms = None if not block or block <= 0 else max(1, int(min(block, BLOCK_SLICE) * 1000))  # 0: forever
+        got = r.xreadgroup(self.GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms)
+        return [item for _, items in got or [] for item in items]
 
     def _start(self, r, entry: str, job_id: str, consumer: str) -> Optional[Job]:
         ok, status = self._set(job_id, "queued,running", status="running", started=time.time(), step=0,

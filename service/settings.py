@@ -28,7 +28,7 @@ class Settings:
     device: str = "auto"                  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"                   # "auto" (fp16 on cuda, fp32 on cpu), "fp32", "fp16", "bf16"
     max_batch: int = 8                    # images per pipeline call (a bigger single job still runs, alone)
-    batch_window: float = 0.05            # seconds a worker waits for more jobs once it has one
+    batch_window: float = 0.01            # seconds a worker waits for more jobs once it has one
     queue_limit: int = 64                 # queued + running jobs; beyond it new jobs get 429
     job_timeout: float = 300.0            # seconds a synchronous request waits before answering 504
     result_ttl: int = 3600                # seconds jobs, inputs and result PNGs are kept
@@ -125,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, http: bool) -> None:
     p("--device", help="auto, cpu, cuda, cuda:N (env SD_DEVICE; default auto)")
     p("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="(env SD_DTYPE; default auto: fp16 on cuda)")
     p("--max-batch", type=int, help="images per pipeline call (default 8)")
-    p("--batch-window", type=float, help="seconds to wait for more jobs once one arrived (default 0.05)")
+    p("--batch-window", type=float, help="seconds to wait for more jobs once one arrived (default 0.01)")
     p("--result-ttl", type=int, help="seconds jobs and results are kept (default 3600)")
     p("--visibility-timeout", type=float, help="seconds before a silent worker's jobs are claimed (default 300)")
     p("--max-attempts", type=int, help="runs of a failing job before it is marked failed (default 3)")
