@@ -20,7 +20,7 @@ WORKDIR /app
 # The dependencies of pyproject.toml except torch, which the base image already has (a second torch is GBs).
 RUN pip install --no-cache-dir \
         "numpy>=1.24" "safetensors>=0.4" "pillow>=10" "fastapi>=0.110" "uvicorn>=0.29" \
-        "pydantic>=2.6" "python-multipart>=0.0.9" "redis>=5"
+        "pydantic>=2.6" "python-multipart>=0.0.9" "redis>=5" "pyyaml>=6" "tqdm>=4.66"
 
 COPY pyproject.toml README.md ./
 COPY model/ model/

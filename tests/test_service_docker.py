@@ -44,3 +44,16 @@ def test_hadolint_passes_the_dockerfile():
     bad = subprocess.run([hadolint, "-"], input="FROM python:latest\nRUN cd /tmp && apt-get install curl\n",
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "DL3007" in bad.stdout  # "latest" tag
+
+
+def test_the_image_installs_every_runtime_dependency_but_torch():
+    """The Dockerfile lists the dependencies itself (torch comes with the base image; installing the
+    package with its dependencies would pull a second torch): the list must follow pyproject.toml."""
+    import re
+    import tomllib
+
+    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=~!\[ ]", d, maxsplit=1)[0].lower() for d in wanted} - {"torch"}
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    installed = {m.lower() for m in re.findall(r'"([A-Za-z0-9_.-]+)[<>=~!]', dockerfile)}
+    assert names <= installed, f"missing from the Dockerfile's pip install: {sorted(names - installed)}"
