@@ -4,20 +4,26 @@
     sd serve --redis redis://localhost:6379/0  # API only; run `sd worker --redis ...` beside it
 
 Synchronous endpoints (POST /txt2img, /img2img, /inpaint) put a job on the queue and wait for
-it; POST /jobs/{mode} answers 202 at once and the job is followed with GET /jobs/{id}. Limits
-are checked before anything is decoded or computed: the body size while it streams in (413),
-the upload's format (415) and pixel count (413) from its header, the fields by the schema (422).
+it; POST /jobs/{mode} answers 202 at once and the job is followed with GET /jobs/{id}. Checks
+come before anything is decoded or computed, in this order: the API key before the body is read
+(401), the body size from Content-Length or while it streams in (413), the Content-Type (415), the
+fields by the schema (422), then the upload's format (415) and pixel count (413) from its header.
+With API keys, each key sees only its own jobs (another key's answer 404, as an unknown id would).
 The OpenAI Images API (/v1/images, compat_openai.py) and a subset of the AUTOMATIC1111 API
-(/sdapi/v1, compat_a1111.py) make the same jobs on the same queue.
+(/sdapi/v1, compat_a1111.py) make the same jobs on the same queue; the web page at / (web.py,
+static/) is a client of the job API.
 """
 
 import asyncio
 import base64
 import collections
+import hashlib
 import hmac
 import io
 import logging
+import re
 import secrets
+import struct
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -26,6 +32,7 @@ from typing import Annotated, Optional
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import metrics, schemas
 from .queue import ENDED, Job, JobState, QueueFull, QueueUnavailable, make_queue, new_job_id
@@ -35,9 +42,12 @@ log = logging.getLogger("sd.api")
 
 RETRY_AFTER = "5"  # seconds, for 429 and 503
 ERRORS = {  # documented error answers
+    400: {"model": schemas.Error, "description": "the body could not be parsed (JSON that is not UTF-8, broken "
+                                                 "multipart data)"},
     401: {"model": schemas.Error, "description": "missing or wrong API key (when keys are configured)"},
     413: {"model": schemas.Error, "description": "request body or image too large"},
-    415: {"model": schemas.Error, "description": "the upload is not an image"},
+    415: {"model": schemas.Error, "description": "the upload is not an image (PNG, JPEG, WebP, BMP, GIF), or the "
+                                                 "body's Content-Type is not the endpoint's"},
     422: {"model": schemas.Error, "description": "a field is out of range; the message names it and the range"},
     429: {"model": schemas.Error, "description": "queue full; retry after the Retry-After seconds"},
     503: {"model": schemas.Error, "description": "queue unreachable; retry after the Retry-After seconds"},
@@ -61,27 +71,86 @@ def get_queue(request: Request):
     return request.app.state.queue
 
 
-def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
-    """When SD_API_KEYS is set: `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
-    if not settings.api_keys:
-        return
-    auth = request.headers.get("authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-    # compare against every key, in constant time, so timing tells nothing about which one nearly matched
-    ok = False
-    for key in settings.api_keys:
-        ok |= hmac.compare_digest(given.encode(), key.encode())
-    if not given or not ok:
-        raise HTTPException(401, "missing or invalid API key (send Authorization: Bearer KEY)",
-                            headers={"WWW-Authenticate": "Bearer"})
+def owner_of(request: Request) -> Optional[str]:
+    """The digest of the API key this request was let in with (RequireKey); None when no keys are set."""
+    return request.scope.get("state", {}).get("owner")
 
 
+def require_content_type(*allowed: str):
+    """A dependency: 415 unless the body is sent as one of `allowed` (a wrong one would only show up
+    later as a confusing "field is required")."""
+    def check(request: Request) -> None:
+        given = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if given not in allowed:
+            raise HTTPException(415, f"Content-Type must be {' or '.join(allowed)}, got {given or 'none'}")
+    return Depends(check)
+
+
+JSON_BODY = require_content_type("application/json")
+FORM_BODY = require_content_type("multipart/form-data", "application/x-www-form-urlencoded")  # (urlencoded: no file)
 Queue = Annotated[object, Depends(get_queue)]
 Config = Annotated[Settings, Depends(get_settings)]
 
 
 # -----------------------------------------------------------------------------
-# middleware: body size limit, request counts
+# middleware: API keys, body size limit, request counts
+
+# open without a key: health, metrics (counts only), the API docs, and the web page's own files (web.py; the
+# page asks for a key when the API wants one). Everything else, a route added later included, needs a key.
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/")
+OPEN_PREFIXES = ("/ui/",)
+UNAUTHORIZED = "missing or invalid API key (send Authorization: Bearer KEY)"
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class RequireKey:
+    """When SD_API_KEYS is set, every path but the open ones needs a key: `Authorization: Bearer KEY`,
+    `X-API-Key: KEY`, or (under /sdapi, as the web UI's --api-auth) the password of HTTP basic auth.
+    Checked before the body is read, so nothing of an unauthenticated request is parsed; a route added
+    later is closed by default. The key's sha256 goes into scope["state"]["owner"]: jobs are kept per key."""
+
+    def __init__(self, app, api_keys: tuple[str, ...]):
+        self.app, self.digests = app, [key_digest(k) for k in api_keys]
+
+    def owner(self, headers: dict[bytes, bytes], basic: bool) -> Optional[str]:
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        given = [headers.get(b"x-api-key", b"").decode("latin-1")]
+        if auth[:7].lower() == "bearer ":
+            given.append(auth[7:].strip())
+        elif basic and auth[:6].lower() == "basic ":
+            try:
+                given.append(base64.b64decode(auth[6:].strip()).decode().partition(":")[2])
+            except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+                pass
+        # digests have one length, and every key is compared in constant time (no early exit): how long
+        # the check takes tells nothing about which key, or how much of one, was nearly right
+        match = None
+        for text in filter(None, given):
+            digest = key_digest(text)
+            for key in self.digests:
+                if hmac.compare_digest(digest, key):
+                    match = key
+        return match.hex() if match else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.digests or scope["path"] in OPEN_PATHS or \
+                scope["path"].startswith(OPEN_PREFIXES):
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        owner = self.owner(dict(scope["headers"]), basic=path.startswith("/sdapi/"))
+        if owner is None:
+            headers = {"WWW-Authenticate": "Bearer"}
+            if path.startswith("/v1/"):  # the OpenAI layer's error shape
+                from .compat_openai import error
+                response = error(401, UNAUTHORIZED, headers=headers)
+            else:
+                response = JSONResponse({"detail": UNAUTHORIZED}, 401, headers=headers)
+            return await response(scope, receive, send)
+        scope.setdefault("state", {})["owner"] = owner
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -146,6 +215,10 @@ async def read_image(upload: UploadFile, what: str, settings: Settings):
     return open_image(await upload.read(), what, settings)
 
 
+# the formats an upload may be: PIL reads dozens more (EPS would even run Ghostscript); none is needed
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+
+
 def open_image(data: bytes, what: str, settings: Settings):
     """read_image for bytes already in hand (the compatibility APIs' base64 images)."""
     from PIL import Image, UnidentifiedImageError
@@ -153,8 +226,12 @@ def open_image(data: bytes, what: str, settings: Settings):
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(413, f"{what} is {len(data)} bytes; at most {settings.max_upload_bytes} are accepted")
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-    except (UnidentifiedImageError, OSError, ValueError):
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+    except Image.DecompressionBombError as e:  # a header declaring billions of pixels: PIL refuses it unread
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        raise HTTPException(413, f"{what} declares {declared[1] if declared else 'too many'} pixels; "
+                                 f"at most {settings.max_pixels} are accepted")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error):
         raise HTTPException(415, f"{what} is not an image this server reads (PNG, JPEG, WebP, BMP, GIF)")
     if image.width * image.height > settings.max_pixels:
         raise HTTPException(413, f"{what} is {image.width}x{image.height} = {image.width * image.height} pixels; "
@@ -181,10 +258,12 @@ def _size(params: dict, image, settings: Settings) -> dict:
 # jobs
 
 
-async def submit(queue, settings: Settings, mode: str, params: dict, inputs: dict) -> JobState:
+async def submit(queue, settings: Settings, mode: str, params: dict, inputs: dict,
+                 owner: Optional[str] = None) -> JobState:
+    """Queue a job; `owner` (owner_of(request)) is the only key that may see it later."""
     if params.get("seed") in (None, -1):
         params = {**params, "seed": secrets.randbelow(schemas.MAX_SEED + 1)}
-    job = Job(new_job_id(), mode, {**params, "mode": mode}, inputs, created=time.time())
+    job = Job(new_job_id(), mode, {**params, "mode": mode}, inputs, created=time.time(), owner=owner)
     try:
         return await queue.submit(job, settings.queue_limit)
     except QueueFull as e:
@@ -248,14 +327,38 @@ def accepted(request: Request, state: JobState) -> JSONResponse:
 # the app
 
 
+def clear_detail(exc) -> str:
+    """An HTTPException's detail; FastAPI's own for a body it could not parse, made to say what to send."""
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        return "the body could not be parsed: JSON must be UTF-8 text, a form valid multipart/form-data"
+    return str(exc.detail)
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A rejected value as the error quotes it: long text cut, so a 10,000-character prompt is not echoed back."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} bytes" if isinstance(value, bytes) else f"{len(value)} characters" \
+        if isinstance(value, str) else "cut"
+    return f"{text[:limit]}... ({size})"
+
+
 def _error_message(err: dict, rules: dict[str, str]) -> str:
     """One pydantic error as a sentence naming the field and what it accepts."""
+    kind = err.get("type", "")
+    if kind == "json_invalid":  # loc is ("body", character offset)
+        return f"the body is not valid JSON: {err.get('ctx', {}).get('error', 'decode error')} " \
+               f"(at character {err['loc'][-1]})"
     loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "header")]
     name = ".".join(loc) or "body"
-    given = f", got {err['input']!r}" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
-    kind = err.get("type", "")
+    given = f", got {_shown(err['input'])}" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
+    if not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
+        return f"the body must be a JSON object with the fields {', '.join(rules)}{given}"
+    if kind == "string_unicode":
+        return f"{name} must be valid Unicode text (no lone surrogates)"
     if kind == "missing":
-        return f"{name} is required"
+        return f"{name} is required" if loc else f"the body is required: a JSON object with the fields {', '.join(rules)}"
     if kind == "extra_forbidden":
         return f"{name} is not a field of this request (fields: {', '.join(rules)})"
     if kind == "value_error" and not loc:  # a model validator (width * height)
@@ -305,6 +408,7 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
     app.state.requests = collections.Counter()
     app.state.worker = None
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(RequireKey, api_keys=settings.api_keys)  # outside BodyLimit: no key, no body read
     app.add_middleware(CountRequests, counts=app.state.requests)
 
     @app.exception_handler(RequestValidationError)
@@ -312,21 +416,26 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
         messages = [_error_message(e, rules) for e in exc.errors()]
         return JSONResponse({"detail": "; ".join(messages)}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"detail": clear_detail(exc)}, exc.status_code, headers=exc.headers)
+
     @app.exception_handler(QueueUnavailable)
     async def on_unavailable(request: Request, exc: QueueUnavailable):
         return JSONResponse({"detail": f"queue unavailable: {exc}"}, 503, headers={"Retry-After": RETRY_AFTER})
 
-    api = APIRouter(dependencies=[Depends(require_api_key)])
+    api = APIRouter()  # the API key is checked by RequireKey, before any route
     Txt2Img, Img2Img, Inpaint = models["txt2img"], models["img2img"], models["inpaint"]
 
-    async def txt2img_job(body, queue, settings):
-        return await submit(queue, settings, "txt2img", body.model_dump(), {})
+    async def txt2img_job(request, body, queue, settings):
+        return await submit(queue, settings, "txt2img", body.model_dump(), {}, owner_of(request))
 
-    async def img2img_job(params, image, queue, settings):
+    async def img2img_job(request, params, image, queue, settings):
         data, img = await read_image(image, "image", settings)
-        return await submit(queue, settings, "img2img", _size(params.model_dump(), img, settings), {"image": data})
+        return await submit(queue, settings, "img2img", _size(params.model_dump(), img, settings), {"image": data},
+                            owner_of(request))
 
-    async def inpaint_job(params, image, mask, queue, settings):
+    async def inpaint_job(request, params, image, mask, queue, settings):
         data, img = await read_image(image, "image", settings)
         inputs = {"image": data}
         if mask is not None:
@@ -336,69 +445,75 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
                                          f"{img.width}x{img.height}")
         elif not (img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info):
             raise HTTPException(422, "mask is required: the image has no transparent pixels to repaint")
-        return await submit(queue, settings, "inpaint", _size(params.model_dump(), img, settings), inputs)
+        return await submit(queue, settings, "inpaint", _size(params.model_dump(), img, settings), inputs,
+                            owner_of(request))
 
     ImageFile = Annotated[UploadFile, File(description="the input image (PNG, JPEG, WebP, ...)")]
     MaskFile = Annotated[Optional[UploadFile], File(description="white = repaint; left out: the image's "
                                                                 "transparent pixels are repainted")]
 
     @api.post("/txt2img", response_model=schemas.GenerationResponse, responses={**PNG_OR_JSON, **SYNC_ERRORS},
-              summary="Text to image; waits for the result")
+              summary="Text to image; waits for the result", dependencies=[JSON_BODY])
     async def txt2img(request: Request, body: Txt2Img, queue: Queue, settings: Config):
-        return await wait_and_answer(request, queue, settings, await txt2img_job(body, queue, settings))
+        return await wait_and_answer(request, queue, settings, await txt2img_job(request, body, queue, settings))
 
     @api.post("/img2img", response_model=schemas.GenerationResponse, responses={**PNG_OR_JSON, **SYNC_ERRORS},
-              summary="Image to image; waits for the result")
+              summary="Image to image; waits for the result", dependencies=[FORM_BODY])
     async def img2img(request: Request, params: Annotated[Img2Img, Form()], image: ImageFile, queue: Queue,
                       settings: Config):
-        return await wait_and_answer(request, queue, settings, await img2img_job(params, image, queue, settings))
+        return await wait_and_answer(request, queue, settings,
+                                     await img2img_job(request, params, image, queue, settings))
 
     @api.post("/inpaint", response_model=schemas.GenerationResponse, responses={**PNG_OR_JSON, **SYNC_ERRORS},
-              summary="Repaint the masked (or transparent) part of an image; waits for the result")
+              summary="Repaint the masked (or transparent) part of an image; waits for the result",
+              dependencies=[FORM_BODY])
     async def inpaint(request: Request, params: Annotated[Inpaint, Form()], image: ImageFile, queue: Queue,
                       settings: Config, mask: MaskFile = None):
         return await wait_and_answer(request, queue, settings,
-                                     await inpaint_job(params, image, mask, queue, settings))
+                                     await inpaint_job(request, params, image, mask, queue, settings))
 
     @api.post("/jobs/txt2img", status_code=202, response_model=schemas.JobAccepted, responses=ERRORS,
-              summary="Queue a text-to-image job; answers at once")
+              summary="Queue a text-to-image job; answers at once", dependencies=[JSON_BODY])
     async def txt2img_async(request: Request, body: Txt2Img, queue: Queue, settings: Config):
-        return accepted(request, await txt2img_job(body, queue, settings))
+        return accepted(request, await txt2img_job(request, body, queue, settings))
 
     @api.post("/jobs/img2img", status_code=202, response_model=schemas.JobAccepted, responses=ERRORS,
-              summary="Queue an image-to-image job; answers at once")
+              summary="Queue an image-to-image job; answers at once", dependencies=[FORM_BODY])
     async def img2img_async(request: Request, params: Annotated[Img2Img, Form()], image: ImageFile, queue: Queue,
                             settings: Config):
-        return accepted(request, await img2img_job(params, image, queue, settings))
+        return accepted(request, await img2img_job(request, params, image, queue, settings))
 
     @api.post("/jobs/inpaint", status_code=202, response_model=schemas.JobAccepted, responses=ERRORS,
-              summary="Queue an inpainting job; answers at once")
+              summary="Queue an inpainting job; answers at once", dependencies=[FORM_BODY])
     async def inpaint_async(request: Request, params: Annotated[Inpaint, Form()], image: ImageFile, queue: Queue,
                             settings: Config, mask: MaskFile = None):
-        return accepted(request, await inpaint_job(params, image, mask, queue, settings))
+        return accepted(request, await inpaint_job(request, params, image, mask, queue, settings))
 
-    async def _state(queue, job_id: str) -> JobState:
+    async def _state(request: Request, queue, job_id: str) -> JobState:
+        """The job, if this request's API key made it: another key's job is answered as unknown (404, not
+        403), so a job id tells nothing to anyone but its owner."""
         state = await queue.state(job_id)
-        if state is None:
+        if state is None or (settings.api_keys and state.owner != owner_of(request)):
             raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
         return state
 
-    NOT_FOUND = {404: {"model": schemas.Error, "description": "unknown or expired job"}}
+    NOT_FOUND = {404: {"model": schemas.Error, "description": "unknown or expired job (or another API key's)"},
+                 **{k: ERRORS[k] for k in (401, 422, 503)}}
 
     @api.get("/jobs/{job_id}", response_model=schemas.JobStatus, responses=NOT_FOUND, summary="A job's status")
     async def get_job(request: Request, job_id: str, queue: Queue):
-        return job_status(request, await _state(queue, job_id))
+        return job_status(request, await _state(request, queue, job_id))
 
     @api.get("/jobs/{job_id}/image", responses={**PNG_OR_JSON, **NOT_FOUND}, response_class=Response,
              summary="The job's first PNG")
-    async def job_image(job_id: str, queue: Queue):
-        return await job_image_n(job_id, 0, queue)
+    async def job_image(request: Request, job_id: str, queue: Queue):
+        return await job_image_n(request, job_id, 0, queue)
 
     @api.get("/jobs/{job_id}/image/{n}", responses={**PNG_OR_JSON, **NOT_FOUND,
                                                      409: {"model": schemas.Error, "description": "not done"}},
              response_class=Response, summary="The job's PNG number n (from 0)")
-    async def job_image_n(job_id: str, n: int, queue: Queue):
-        state = await _state(queue, job_id)
+    async def job_image_n(request: Request, job_id: str, n: int, queue: Queue):
+        state = await _state(request, queue, job_id)
         if state.status != "done":
             raise HTTPException(409, f"job {job_id} is {state.status}, not done" +
                                 (f": {state.error}" if state.error and state.status == "failed" else ""))
@@ -413,16 +528,17 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
                 responses={**NOT_FOUND, 409: {"model": schemas.Error, "description": "already finished"}},
                 summary="Cancel a job: a queued one never runs, a running one stops at its next step")
     async def cancel_job(request: Request, job_id: str, queue: Queue):
-        state = await _state(queue, job_id)
+        state = await _state(request, queue, job_id)
         if state.status in ("done", "failed"):
             raise HTTPException(409, f"job {job_id} already {state.status}")
         return job_status(request, await queue.cancel(job_id))
 
     app.include_router(api)
-    from . import compat_a1111, compat_openai  # they import this module
+    from . import compat_a1111, compat_openai, web  # they import this module
 
     app.include_router(compat_openai.router(settings))
     app.include_router(compat_a1111.router(settings))
+    web.install(app, settings)  # the page at / (service/static/)
 
     @app.get("/healthz", response_model=schemas.Health, summary="Liveness: the process answers")
     async def healthz():

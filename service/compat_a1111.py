@@ -18,21 +18,20 @@ interrupt see the requests of this API process only.
 
 import base64
 import binascii
-import hmac
 import io
 import json
 import secrets
 import time
 from typing import Optional
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import schemas
-from .api import _error_message, _size, get_settings, open_image, require_api_key, submit, wait_for_result
+from .api import ERRORS, JSON_BODY, SYNC_ERRORS, _error_message, _size, open_image, owner_of, submit, wait_for_result
 from .queue import ENDED
 from .settings import Settings
 
@@ -104,28 +103,13 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def api_key_or_basic(request: Request, settings: Settings = Depends(get_settings)) -> None:
-    """The service's API key; also as the password of HTTP basic auth, as the web UI's --api-auth."""
-    auth = request.headers.get("authorization", "")
-    if settings.api_keys and auth[:6].lower() == "basic ":
-        try:
-            password = base64.b64decode(auth[6:].strip()).decode().partition(":")[2]
-        except (binascii.Error, ValueError):
-            password = ""
-        ok = False
-        for key in settings.api_keys:
-            ok |= hmac.compare_digest(password.encode(), key.encode())
-        if password and ok:
-            return
-    require_api_key(request, settings)
-
-
 def router(settings: Settings) -> APIRouter:
     native = schemas.request_models(settings)
     models = request_models(settings)
     rules = {name: f.description.split(";")[0] for m in [*native.values(), *models.values()]
              for name, f in m.model_fields.items() if f.description}
-    active: list[list[str]] = []  # job ids of the requests in progress here, oldest first
+    active: list[tuple[Optional[str], list[str]]] = []  # (API key digest, job ids) of the requests in progress
+                                                        # here, oldest first; each key sees only its own
 
     class Errors(APIRoute):
         """422 messages that name the web UI's fields and their ranges."""
@@ -141,8 +125,8 @@ def router(settings: Settings) -> APIRouter:
 
             return route
 
-    api = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"], route_class=Errors,
-                    dependencies=[Depends(api_key_or_basic)])
+    # the API key (bearer, X-API-Key or basic auth's password) is checked by api.RequireKey, before any route
+    api = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"], route_class=Errors)
     Txt2Img, Img2Img = models["txt2img"], models["img2img"]
 
     def native_params(body, mode: str, seed: int) -> dict:
@@ -171,11 +155,13 @@ def router(settings: Settings) -> APIRouter:
         if seed + count - 1 > schemas.MAX_SEED:
             raise HTTPException(422, f"seed + batch_size * n_iter - 1 must be at most {schemas.MAX_SEED}")
         ids: list[str] = []
-        active.append(ids)
+        entry = (owner_of(request), ids)
+        active.append(entry)
         try:
             try:
                 for i in range(count):
-                    ids.append((await submit(queue, settings, mode, {**params, "seed": seed + i}, inputs)).id)
+                    ids.append((await submit(queue, settings, mode, {**params, "seed": seed + i}, inputs,
+                                             owner_of(request))).id)
             except HTTPException:  # queue full part way: take back what went in
                 for job_id in ids:
                     await queue.cancel(job_id)
@@ -192,7 +178,7 @@ def router(settings: Settings) -> APIRouter:
                 images.append(base64.b64encode(pngs[0]).decode())
                 seeds.append(state.params["seed"])
         finally:
-            active.remove(ids)
+            active.remove(entry)
         p = params
         sampler = next((k for k, v in SAMPLERS.items() if v == p["sampler"]), p["sampler"])
         width, height = p["width"], p["height"]
@@ -210,11 +196,12 @@ def router(settings: Settings) -> APIRouter:
         parameters = body.model_dump(exclude={"init_images", "mask"})
         return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(info)})
 
-    @api.post("/txt2img", summary="Web UI: text to image")
+    @api.post("/txt2img", summary="Web UI: text to image", dependencies=[JSON_BODY], responses=SYNC_ERRORS)
     async def txt2img(request: Request, body: Txt2Img):
         return await run(request, body, "txt2img", native_params(body, "txt2img", body.seed), {})
 
-    @api.post("/img2img", summary="Web UI: image to image; with a mask (white = repaint), inpainting")
+    @api.post("/img2img", summary="Web UI: image to image; with a mask (white = repaint), inpainting",
+              dependencies=[JSON_BODY], responses=SYNC_ERRORS)
     async def img2img(request: Request, body: Img2Img):
         data, image = open_image(b64decode(body.init_images[0], "init_images[0]"), "init_images[0]", settings)
         inputs, mode = {"image": data}, "img2img"
@@ -231,21 +218,25 @@ def router(settings: Settings) -> APIRouter:
         params = _size(native_params(body, mode, body.seed), image, settings)
         return await run(request, body, mode, params, inputs)
 
-    @api.get("/samplers", summary="Web UI: the samplers (name, aliases = this project's name)")
+    @api.get("/samplers", summary="Web UI: the samplers (name, aliases = this project's name)",
+             responses={401: ERRORS[401]})
     async def samplers():
         return [{"name": name, "aliases": [ours], "options": {}} for name, ours in SAMPLERS.items()]
 
-    async def current(queue) -> list:
-        """The states of the oldest request in progress here."""
-        for ids in list(active):
+    async def current(queue, owner: Optional[str]) -> list:
+        """The states of the oldest request in progress here made with this API key."""
+        for who, ids in list(active):
+            if who != owner:
+                continue
             states = [s for s in [await queue.state(i) for i in ids] if s is not None]
             if any(s.status not in ENDED for s in states):
                 return states
         return []
 
-    @api.get("/progress", summary="Web UI: progress of the oldest request in progress")
+    @api.get("/progress", summary="Web UI: progress of the oldest request in progress",
+             responses={k: ERRORS[k] for k in (401, 422, 503)})
     async def progress(request: Request, skip_current_image: bool = False):
-        states = await current(request.app.state.queue)
+        states = await current(request.app.state.queue, owner_of(request))
         steps = [s.params["steps"] for s in states]
         done = [s.params["steps"] if s.status in ENDED else min(s.step, s.params["steps"]) for s in states]
         fraction = sum(done) / sum(steps) if steps else 0.0
@@ -262,10 +253,11 @@ def router(settings: Settings) -> APIRouter:
         return {"progress": round(fraction, 4), "eta_relative": round(eta, 3), "state": state,
                 "current_image": None, "textinfo": None, "current_task": states[0].id if states else None}
 
-    @api.post("/interrupt", summary="Web UI: stop the oldest request in progress (its finished images come back)")
+    @api.post("/interrupt", summary="Web UI: stop the oldest request in progress (its finished images come back)",
+              responses={k: ERRORS[k] for k in (401, 503)})
     async def interrupt(request: Request):
         queue = request.app.state.queue
-        for state in await current(queue):
+        for state in await current(queue, owner_of(request)):
             if state.status not in ENDED:
                 await queue.cancel(state.id)
         return {}

@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import schemas
-from .api import (RETRY_AFTER, _error_message, _size, get_queue, open_image, read_image, require_api_key, submit,
-                  wait_for_result)
+from .api import (FORM_BODY, JSON_BODY, RETRY_AFTER, _error_message, _size, clear_detail, get_queue, open_image,
+                  owner_of, read_image, submit, wait_for_result)
 from .queue import QueueUnavailable
 from .settings import Settings
 
@@ -40,6 +40,27 @@ KINDS = {400: (400, "invalid_request_error", "invalid_value"), 413: (400, "inval
          401: (401, "invalid_request_error", "invalid_api_key"), 409: (409, "invalid_request_error", "job_cancelled"),
          429: (429, "requests", "rate_limit_exceeded"), 503: (503, "server_error", "queue_unavailable"),
          504: (504, "server_error", "timeout")}
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str = Field(..., description="what went wrong, naming the field and its allowed values")
+    type: str = Field(..., description="invalid_request_error, requests or server_error")
+    param: Optional[str] = Field(None, description="the field at fault, if one is")
+    code: Optional[str] = None
+
+
+class OpenAIError(BaseModel):
+    """Every error of this layer, as OpenAI's API answers them."""
+    error: OpenAIErrorBody
+
+
+ERRORS = {400: {"model": OpenAIError, "description": "a field is out of range (named in `param`), the image is not "
+                                                      "one, too large, or the body cannot be parsed"},
+          401: {"model": OpenAIError, "description": "missing or wrong API key (when keys are configured)"},
+          409: {"model": OpenAIError, "description": "the job was cancelled"},
+          429: {"model": OpenAIError, "description": "queue full; retry after the Retry-After seconds"},
+          503: {"model": OpenAIError, "description": "queue unreachable; retry after the Retry-After seconds"},
+          504: {"model": OpenAIError, "description": "the job did not finish in time; follow it at /jobs/{id}"}}
 
 
 def error(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
@@ -142,7 +163,7 @@ def router(settings: Settings) -> APIRouter:
     def invalid(errors: list) -> JSONResponse:
         err = errors[0]
         loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "header")]
-        param = loc[0] if loc else None
+        param = loc[0] if loc and err.get("type") != "json_invalid" else None  # json_invalid: loc is an offset
         code = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}.get(err.get("type"))
         return error(400, "; ".join(_error_message(e, rules) for e in errors), param, code)
 
@@ -157,15 +178,16 @@ def router(settings: Settings) -> APIRouter:
                     return invalid(e.errors())
                 except StarletteHTTPException as e:
                     first = str(e.detail).split(" ")[0]
-                    return error(e.status_code, str(e.detail), first if first in fields else None,
-                                 headers=e.headers)
+                    param = first if first in fields else None
+                    code = "unsupported_content_type" if e.status_code == 415 and param is None else None
+                    return error(e.status_code, clear_detail(e), param, code, headers=e.headers)
                 except QueueUnavailable as e:
                     return error(503, f"queue unavailable: {e}", headers={"Retry-After": RETRY_AFTER})
 
             return route
 
-    api = APIRouter(prefix="/v1/images", tags=["OpenAI compatible"], route_class=OpenAIErrors,
-                    dependencies=[Depends(require_api_key)])
+    # the API key is checked (and its 401 given in OpenAI's shape) by api.RequireKey, before any route
+    api = APIRouter(prefix="/v1/images", tags=["OpenAI compatible"], route_class=OpenAIErrors)
     ImageRequest, EditRequest = models["generation"], models["edit"]
 
     def native_params(body, mode: str) -> dict:
@@ -191,12 +213,14 @@ def router(settings: Settings) -> APIRouter:
                              "size": f"{p['width']}x{p['height']}" if p.get("width") else None,
                              "seed": p["seed"], "job_id": state.id})
 
-    @api.post("/generations", summary="OpenAI: create images from a prompt (a txt2img job)")
+    @api.post("/generations", summary="OpenAI: create images from a prompt (a txt2img job)", dependencies=[JSON_BODY],
+              responses=ERRORS)
     async def generations(request: Request, body: ImageRequest, queue=Depends(get_queue)):
-        state = await submit(queue, settings, "txt2img", native_params(body, "txt2img"), {})
+        state = await submit(queue, settings, "txt2img", native_params(body, "txt2img"), {}, owner_of(request))
         return await answer(request, body, state)
 
-    @api.post("/edits", summary="OpenAI: repaint an image where the mask is transparent (an inpaint job)")
+    @api.post("/edits", summary="OpenAI: repaint an image where the mask is transparent (an inpaint job)",
+              dependencies=[FORM_BODY], responses=ERRORS)
     async def edits(request: Request, body: Annotated[EditRequest, Form()], queue=Depends(get_queue),
                     image: Annotated[Optional[UploadFile], File(description="the image to edit")] = None,
                     images: Annotated[Optional[list[UploadFile]], File(alias="image[]")] = None,
@@ -211,6 +235,6 @@ def router(settings: Settings) -> APIRouter:
         elif not has_alpha(img):
             raise HTTPException(422, "mask is required: the image has no transparent pixels to repaint")
         params = _size(native_params(body, "inpaint"), img, settings)
-        return await answer(request, body, await submit(queue, settings, "inpaint", params, inputs))
+        return await answer(request, body, await submit(queue, settings, "inpaint", params, inputs, owner_of(request)))
 
     return api

@@ -65,6 +65,7 @@ class Job:
     attempts: int = 0                           # runs started, this one included
     entry: str = ""                             # the queue's handle of this run (a stream entry id)
     created: float = 0.0
+    owner: Optional[str] = None                 # sha256 of the API key that made it (never the key); None: no keys
 
 
 @dataclass
@@ -83,6 +84,7 @@ class JobState:
     created: float = 0.0
     started: Optional[float] = None
     finished: Optional[float] = None
+    owner: Optional[str] = None                 # only this API key's requests see the job (api.py)
 
     def to_hash(self) -> dict:
         d = asdict(self)
@@ -98,7 +100,7 @@ class JobState:
                    step=int(h.get("step") or 0), total=int(h.get("total") or 0), error=h.get("error") or None,
                    error_kind=h.get("error_kind") or None, attempts=int(h.get("attempts") or 0),
                    images=int(h.get("images") or 0), created=float(h.get("created") or 0),
-                   started=opt("started", float), finished=opt("finished", float))
+                   started=opt("started", float), finished=opt("finished", float), owner=h.get("owner") or None)
 
 
 # -----------------------------------------------------------------------------
@@ -129,7 +131,8 @@ class MemoryQueue:
             self._expire()
             if self._depth() >= limit:
                 raise QueueFull(f"the queue holds {limit} jobs, its limit")
-            state = JobState(job.id, job.mode, "queued", job.params, created=job.created or time.time())
+            state = JobState(job.id, job.mode, "queued", job.params, created=job.created or time.time(),
+                             owner=job.owner)
             self._jobs[job.id], self._inputs[job.id] = state, dict(job.inputs)
             self._expires[job.id] = time.time() + self.result_ttl
             self._queued.append(job.id)
@@ -390,7 +393,7 @@ class RedisQueue:
     async def submit(self, job: Job, limit: int) -> JobState:
         import redis
 
-        state = JobState(job.id, job.mode, "queued", job.params, created=job.created or time.time())
+        state = JobState(job.id, job.mode, "queued", job.params, created=job.created or time.time(), owner=job.owner)
 
         async def go(r):
             if not self._group_ready:

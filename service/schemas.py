@@ -33,7 +33,7 @@ def request_models(settings) -> dict[str, type[BaseModel]]:
         prompt: str = Field(..., max_length=4000, description="text of at most 4000 characters; what to draw",
                             examples=["a red circle on a blue background"])
         negative_prompt: str = Field("", max_length=4000, description="text of at most 4000 characters; what to steer away from")
-        steps: int = Field(20, ge=1, le=settings.max_steps, description=steps_rule)
+        steps: int = Field(min(20, settings.max_steps), ge=1, le=settings.max_steps, description=steps_rule)
         guidance_scale: float = Field(7.5, ge=0, le=50, description="a number in [0, 50]; 1 = no guidance")
         sampler: Sampler = Field("ddim", description=f"one of {', '.join(SAMPLERS)}")
         seed: int = Field(-1, ge=-1, le=MAX_SEED,
@@ -44,6 +44,10 @@ def request_models(settings) -> dict[str, type[BaseModel]]:
 
         @model_validator(mode="after")
         def _pixels(self):
+            # txt2img: the other side would be the model's native size, which only the worker knows, so the
+            # pixel limit could not be checked here; img2img and inpaint take the other side from the upload
+            if type(self) is Txt2ImgRequest and (self.width is None) != (self.height is None):
+                raise ValueError("width and height must be given together, or neither (the model's native size)")
             if self.width and self.height and self.width * self.height > settings.max_pixels:
                 raise ValueError(f"width * height must be at most {settings.max_pixels}, "
                                  f"got {self.width}x{self.height} = {self.width * self.height}")
