@@ -485,12 +485,15 @@ def _cores():
         return os.cpu_count() or 1
 
 
-def train(cfg: TrainConfig, out_dir=None, resume=False, stop_after=None, quiet=False):
+def train(cfg: TrainConfig, out_dir=None, resume=False, stop_after=None, quiet=False, progress=None):
     """
     Run (or, with resume, continue) the training described by cfg; returns the output folder.
     stop_after: stop once this many steps (VAE + diffusion) are done, after writing a checkpoint there
     (a time-boxed run; --resume continues it).
+    progress: makes each phase's progress report, progress(name, total, start) with .update(step, loss)
+    (default: Progress; `sd train` passes a tqdm bar on a terminal).
     """
+    progress = progress or Progress
     out = Path(out_dir or cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.num_threads or _cores())
@@ -557,7 +560,7 @@ def train(cfg: TrainConfig, out_dir=None, resume=False, stop_after=None, quiet=F
         if state is not None and state.get("optimizer") is not None:
             opt.load_state_dict(state["optimizer"])
         vae.train()
-        progress = Progress("vae", vt.steps, step)
+        report = progress("vae", vt.steps, step)
         while step < vt.steps:
             lr = lr_at(step, vt.steps, vt.lr, vt.warmup_steps, vt.final_lr)
             for group in opt.param_groups:
@@ -575,7 +578,7 @@ def train(cfg: TrainConfig, out_dir=None, resume=False, stop_after=None, quiet=F
             step += 1
             log.write(phase="vae", step=step, loss=round(loss.item(), 6), lr=lr)
             if not quiet:
-                progress.update(step, loss.item())
+                report.update(step, loss.item())
             stop = stop_after is not None and steps_done("vae", step) >= stop_after
             if step == vt.steps or step % cfg.checkpoint_every == 0 or stop:
                 vae.eval()
@@ -630,7 +633,7 @@ def train(cfg: TrainConfig, out_dir=None, resume=False, stop_after=None, quiet=F
     def ema_components():
         return Components(tokenizer, ema_text, vae, ema_unet, dict(SD1_SCHEDULER_CONFIG))
 
-    progress = Progress("diffusion", dt.steps, step)
+    report = progress("diffusion", dt.steps, step)
     while step < dt.steps:
         lr = lr_at(step, dt.steps, dt.lr, dt.warmup_steps, dt.final_lr)
         for group in opt.param_groups:
@@ -651,7 +654,7 @@ def train(cfg: TrainConfig, out_dir=None, resume=False, stop_after=None, quiet=F
         step += 1
         log.write(phase="diffusion", step=step, loss=round(loss.item(), 6), lr=lr)
         if not quiet:
-            progress.update(step, loss.item())
+            report.update(step, loss.item())
         stop = stop_after is not None and steps_done("diffusion", step) >= stop_after
         if step == dt.steps or step % cfg.checkpoint_every == 0 or stop:
             save_weights(out, ema_components())

@@ -6,7 +6,8 @@
     sd convert path/to/v1-5.safetensors weights/sd15 --tokenizer path/to/tokenizer
 
 Heavy imports (torch, the model) happen inside the commands, so `sd --help`
-answers at once.
+answers at once. Progress bars (tqdm) go to stderr and only when it is a terminal;
+stdout carries the results (the files written), so scripts can read it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,66 @@ EPILOG = """examples:
   sd train --config configs/tiny.yaml        # retrain the default model (about an hour on 2 cores)
   sd eval                                    # how well the default model follows its prompts
   sd serve                                   # HTTP API + in-process worker on 127.0.0.1:8000
+  sd worker --redis redis://localhost:6379/0 # a batching worker beside `sd serve --redis ...`
+
+`sd COMMAND --help` shows each command's options and more examples.
 """
+
+# each subcommand's --help ends with its own examples
+EXAMPLES = {
+    "generate": """examples:
+  sd generate --prompt "a large red circle in the center on a blue background" --seed 42 --out red.png
+  sd generate --mode image-to-image --input-image red.png --strength 0.7 \\
+      --prompt "a large blue circle in the center on a yellow background" --out blue.png
+  sd generate --prompt "a small green square" --num-images 4 --sampler dpmpp_2m_karras --steps 25
+  sd generate --weights path/to/sd15 --device cuda --dtype fp16 --width 512 --height 512 \\
+      --prompt "a lighthouse on a cliff at dusk" --negative-prompt "blurry"
+
+A progress bar goes to stderr when it is a terminal (--quiet: none); stdout lists the files written
+and their seeds.
+""",
+    "inpaint": """examples:
+  sd inpaint --input-image photo.png --mask mask.png --prompt "a yellow square in the top left"
+  sd inpaint --input-image holed.png --prompt "a red circle"     # repaints the transparent pixels
+  sd inpaint --input-image photo.png --mask mask.png --strength 0.6 --seed 7 --prompt "a blue square"
+
+The mask is white where to repaint and black where to keep; every pixel outside it comes back unchanged.
+""",
+    "convert": """examples:
+  sd convert v1-5-pruned-emaonly.safetensors weights/sd15 --tokenizer ./clip-tokenizer
+  sd convert path/to/diffusers-model weights/mymodel     # a diffusers folder carries its tokenizer
+""",
+    "train": """examples:
+  sd train --config configs/tiny.yaml                  # the default model, from scratch
+  sd train --config configs/tiny.yaml --resume         # continue after an interruption
+  sd train --config configs/tiny.yaml --out runs/try2  # somewhere else than the config's out_dir
+
+A progress bar per phase (VAE, then diffusion) goes to stderr on a terminal; elsewhere a line every
+25 steps. --quiet: neither.
+""",
+    "eval": """examples:
+  sd eval                                        # the default model in weights/
+  sd eval --weights runs/tiny/weights --guidance 7.5 --json scores.json
+""",
+    "serve": """examples:
+  sd serve                                                   # http://127.0.0.1:8000, the page at /
+  sd serve --host 0.0.0.0 --port 8080 --device cuda --dtype fp16
+  SD_API_KEYS=secret1,secret2 sd serve                       # require Authorization: Bearer secret1
+  sd serve --redis redis://localhost:6379/0                  # API only; run `sd worker` beside it
+""",
+    "worker": """examples:
+  sd worker --redis redis://localhost:6379/0 --device cuda
+  sd worker --redis redis://queue-host:6379/0 --max-batch 16 --batch-window 0.05
+""",
+}
+# written out here because importing model.samplers imports torch, and --help must answer at once;
+# tests/test_cli.py checks it against model.samplers.SAMPLERS
+SAMPLER_NAMES = "ddim, ddpm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, euler_karras, euler_a_karras"
+
+
+def _subparser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
+                          epilog=EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def default_weights() -> str:
@@ -34,21 +94,25 @@ def default_weights() -> str:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", "--negative_prompt", default="")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", "--guidance-scale", type=float, default=7.5, dest="guidance")
-    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--negative-prompt", "--negative_prompt", default="", help="what to steer away from")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    p.add_argument("--guidance", "--guidance-scale", type=float, default=7.5, dest="guidance",
+                   help="classifier-free guidance scale; 1 = none (default: 7.5)")
+    p.add_argument("--sampler", default="ddim", help=f"one of {SAMPLER_NAMES} (default: ddim)")
     p.add_argument("--seed", type=int, default=None, help="random when left out; printed either way")
-    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--num-images", "--num_images", type=int, default=1)
+    p.add_argument("--width", type=int, default=None, help="a multiple of 8; default: the model's native size")
+    p.add_argument("--height", type=int, default=None, help="a multiple of 8; default: the model's native size")
+    p.add_argument("--num-images", "--num_images", type=int, default=1, help="images from one noise draw")
     p.add_argument("--weights", default=None, help="native dir, diffusers dir or one .safetensors/.ckpt (default: weights/)")
     p.add_argument("--out", default="out.png", help="output PNG; several images get -0, -1, ... suffixes")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--input-image", "--input_image", dest="input_image", default=None)
-    p.add_argument("--strength", type=float, default=0.75)
+    p.add_argument("--input-image", "--input_image", dest="input_image", default=None,
+                   help="the image to start from (image-to-image, inpaint)")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="how far to move from the input image, 0 to 1 (default: 0.75)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,19 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="text-to-image or image-to-image", epilog=EPILOG,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen = _subparser(sub, "generate", "text-to-image or image-to-image")
     gen.add_argument("--mode", choices=["text-to-image", "image-to-image"], default="text-to-image")
     _add_generation_args(gen)
 
-    inp = sub.add_parser("inpaint", help="repaint the masked (white) or transparent part of an image",
-                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    inp = _subparser(sub, "inpaint", "repaint the masked (white) or transparent part of an image")
     _add_generation_args(inp)
     inp.add_argument("--mask", default=None, help="white = repaint; default: the input's transparent pixels")
 
-    conv = sub.add_parser("convert", help="convert a diffusers dir or original checkpoint to the native layout")
-    conv.add_argument("src")
-    conv.add_argument("dst")
+    conv = _subparser(sub, "convert", "convert a diffusers dir or original checkpoint to the native layout")
+    conv.add_argument("src", help="a diffusers folder, or one original .safetensors/.ckpt file")
+    conv.add_argument("dst", help="the native weights folder to write")
     conv.add_argument("--tokenizer", default=None, help="dir with vocab.json + merges.txt (single files carry none)")
     _add_service_commands(sub)
     _add_train_command(sub)
@@ -82,17 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train_command(sub) -> None:
     """`sd train --config configs/tiny.yaml [--resume] [--out DIR]` (model/train.py)."""
-    tr = sub.add_parser("train", help="train a model from scratch from a YAML config (configs/tiny.yaml)")
+    tr = _subparser(sub, "train", "train a model from scratch from a YAML config (configs/tiny.yaml)")
     tr.add_argument("--config", required=True, help="training config, e.g. configs/tiny.yaml")
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
     tr.add_argument("--out", default=None, help="output dir (default: the config's out_dir)")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from model.train import ConfigError, load_config, train
 
+    bars = TrainBar if sys.stderr.isatty() else None  # None: train's own line every 25 steps, for logs
     try:
-        train(load_config(args.config), out_dir=args.out, resume=args.resume)
+        train(load_config(args.config), out_dir=args.out, resume=args.resume, quiet=args.quiet, progress=bars)
     except (ConfigError, FileNotFoundError) as e:
         print(f"sd train: {e}", file=sys.stderr)
         return 2
@@ -100,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_eval_command(sub) -> None:
-    p = sub.add_parser("eval", help="prompt-adherence score of a shapes model (the default model)")
+    p = _subparser(sub, "eval", "prompt-adherence score of a shapes model (the default model)")
     p.add_argument("--weights", default=None, help="default: weights/")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="ddim")
@@ -136,9 +200,9 @@ def _add_service_commands(sub) -> None:
     """`sd serve` and `sd worker` (service/api.py, service/worker.py); flags in service/settings.py."""
     from service.settings import add_arguments
 
-    serve = sub.add_parser("serve", help="the HTTP API (with an in-process worker unless --redis is given)")
+    serve = _subparser(sub, "serve", "the HTTP API and web page (with an in-process worker unless --redis is given)")
     add_arguments(serve, http=True)
-    worker = sub.add_parser("worker", help="a batching worker on the Redis queue (sd worker --redis URL)")
+    worker = _subparser(sub, "worker", "a batching worker on the Redis queue (sd worker --redis URL)")
     add_arguments(worker, http=False)
 
 
@@ -165,9 +229,44 @@ def _dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def _progress(step: int, total: int) -> None:
-    bar = "#" * (30 * step // total)
-    print(f"\r[{bar:<30}] {step}/{total}", end="" if step < total else "\n", file=sys.stderr, flush=True)
+class StepBar:
+    """A tqdm bar on stderr fed by the pipeline's callback(step, total); none when disabled."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def __call__(self, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(step - self.bar.n)
+        if step >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class TrainBar:
+    """model.train's progress report as a tqdm bar on stderr: one per phase, with the smoothed loss."""
+
+    def __init__(self, name: str, total: int, start: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.loss = None
+
+    def update(self, step: int, loss: float) -> None:
+        self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
+        self.bar.set_postfix(loss=f"{self.loss:.4f}", refresh=False)
+        self.bar.update(step - self.bar.n)
+        if step >= self.bar.total:
+            self.bar.close()
 
 
 def _out_paths(out: str, n: int) -> list[Path]:
@@ -191,9 +290,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     seed = args.seed if args.seed is not None and args.seed >= 0 else random.randrange(2**32)
     pipe = StableDiffusion.from_pretrained(args.weights or default_weights(), device=args.device, dtype=_dtype(args.dtype))
+    progress = StepBar({"text-to-image": "txt2img", "image-to-image": "img2img"}.get(mode, mode),
+                       enabled=sys.stderr.isatty() and not args.quiet)
     common = dict(
         negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
-        sampler=args.sampler, seed=seed, num_images=args.num_images, callback=_progress,
+        sampler=args.sampler, seed=seed, num_images=args.num_images, callback=progress,
     )
     try:
         if mode == "text-to-image":
@@ -208,6 +309,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 mask = Image.open(args.mask) if args.mask else None
                 images = pipe.inpaint(image, mask, args.prompt, strength=args.strength, **common)
     except ValueError as e:
+        progress.close()
         print(f"sd {args.command}: {e}", file=sys.stderr)
         return 2
     for i, (img, path) in enumerate(zip(images, _out_paths(args.out, len(images)))):

@@ -70,3 +70,116 @@ def test_convert_to_native_loads_back(weights, tmp_path):
     assert out.returncode == 0, out.stderr
     out = sd("convert", tmp_path / "nothing-here", tmp_path / "x", cwd=tmp_path)
     assert out.returncode == 2 and "nothing-here" in out.stderr
+
+
+# -----------------------------------------------------------------------------
+# help texts and progress bars
+
+
+@pytest.mark.parametrize("command", [None, "generate", "inpaint", "convert", "train", "eval", "serve", "worker"])
+def test_every_help_ends_with_examples(command, capsys):
+    from service.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(([command] if command else []) + ["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    examples = text.split("\nexamples:\n", 1)[1]  # an "examples:" section after the options
+    assert f"  sd {command or 'generate'} " in examples
+
+
+def test_help_lists_the_pipeline_samplers(capsys):
+    from model.samplers import SAMPLERS
+    from service.cli import SAMPLER_NAMES
+
+    assert SAMPLER_NAMES == ", ".join(SAMPLERS)
+
+
+class Terminal:
+    """Stands a pseudo-terminal (100 columns) in for stderr, as when `sd` runs in a shell: what it showed
+    is in .shown after the `with`. A thread drains it, so a long output never blocks the writer."""
+
+    def __enter__(self):
+        import fcntl
+        import os
+        import pty
+        import struct
+        import termios
+        import threading
+
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        self.file, self.chunks = os.fdopen(slave, "w", buffering=1), []
+
+        def drain():
+            while True:
+                try:
+                    chunk = os.read(self.master, 4096)
+                except OSError:  # EIO: the terminal was closed
+                    return
+                if not chunk:
+                    return
+                self.chunks.append(chunk)
+
+        self.reader = threading.Thread(target=drain, daemon=True)
+        self.reader.start()
+        self.saved, sys.stderr = sys.stderr, self.file
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        sys.stderr = self.saved
+        self.file.close()
+        self.reader.join(10)
+        os.close(self.master)
+        self.shown = b"".join(self.chunks).decode(errors="replace")
+
+
+def test_progress_bars_go_to_the_terminal_on_stderr(weights, tmp_path, capsys):
+    from service.cli import main
+
+    assert not sys.stderr.isatty()  # the runs below see a terminal only through Terminal
+    with Terminal() as term:
+        assert main(["generate", "--prompt", "a red circle", "--weights", str(weights), "--steps", "3",
+                     "--seed", "7", "--out", str(tmp_path / "t.png")]) == 0
+    assert "txt2img: 100%" in term.shown and "3/3" in term.shown   # the bar, finished, on stderr
+    assert capsys.readouterr().out == f"{tmp_path / 't.png'}  seed=7\n"  # stdout: only the result, for scripts
+
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "in.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "mask.png")
+    with Terminal() as term:
+        assert main(["inpaint", "--input-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                     "--prompt", "x", "--weights", str(weights), "--steps", "2", "--strength", "1", "--seed", "1",
+                     "--out", str(tmp_path / "i.png")]) == 0
+    assert "inpaint: 100%" in term.shown and "2/2" in term.shown
+    assert capsys.readouterr().out == f"{tmp_path / 'i.png'}  seed=1\n"
+
+    with Terminal() as term:
+        assert main(["generate", "--prompt", "x", "--weights", str(weights), "--steps", "3", "--quiet",
+                     "--out", str(tmp_path / "q.png")]) == 0
+    assert term.shown == ""
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'q.png'}  seed=")
+
+    # not a terminal (a log file, a pipe): no bar
+    assert main(["generate", "--prompt", "x", "--weights", str(weights), "--steps", "3",
+                 "--out", str(tmp_path / "p.png")]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_train_shows_a_bar_per_phase(tmp_path, capsys):
+    import yaml
+
+    from service.cli import main
+    from test_train import MICRO
+
+    config = {**MICRO, "vae_training": {**MICRO["vae_training"], "steps": 3},
+              "diffusion_training": {**MICRO["diffusion_training"], "steps": 4}, "sample_prompts": 0,
+              "checkpoint_every": 100}
+    (tmp_path / "micro.yaml").write_text(yaml.safe_dump(config))
+    with Terminal() as term:
+        assert main(["train", "--config", str(tmp_path / "micro.yaml"), "--out", str(tmp_path / "run")]) == 0
+    assert "vae: 100%" in term.shown and "3/3" in term.shown
+    assert "diffusion: 100%" in term.shown and "4/4" in term.shown and "loss=" in term.shown
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "run" / "weights").is_dir()
