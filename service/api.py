@@ -41,6 +41,7 @@ from .settings import Settings
 log = logging.getLogger("sd.api")
 
 RETRY_AFTER = "5"  # seconds, for 429 and 503
+DISCONNECT_POLL = 0.5  # seconds between checks that a client waiting for its job is still connected
 ERRORS = {  # documented error answers
     400: {"model": schemas.Error, "description": "the body could not be parsed (JSON that is not UTF-8, broken "
                                                  "multipart data)"},
@@ -284,12 +285,24 @@ def job_status(request: Request, state: JobState) -> schemas.JobStatus:
         finished_at=state.finished)
 
 
-async def wait_for_result(queue, settings: Settings, state: JobState) -> tuple[JobState, list[bytes]]:
-    """Wait for the job; its final state and PNGs, or the HTTPException that says why there are none."""
+async def wait_for_result(queue, settings: Settings, state: JobState,
+                          request: Optional[Request] = None) -> tuple[JobState, list[bytes]]:
+    """Wait for the job; its final state and PNGs, or the HTTPException that says why there are none.
+    With `request`, a client that hangs up while it waits has its job cancelled: no one is left to take
+    the result, so it is not run for nobody."""
     job_id = state.id
-    state = await queue.wait(job_id, settings.job_timeout)
-    if state is None:
-        raise HTTPException(500, f"job {job_id} vanished from the queue (result TTL too short?)")
+    try:
+        if request is None:
+            state = await queue.wait(job_id, settings.job_timeout)
+        else:
+            state = await _wait_while_connected(request, queue, job_id, settings.job_timeout)
+    except QueueUnavailable as e:  # Redis went away while we waited: say which job, it may come back with it
+        raise HTTPException(503, f"queue unavailable while waiting for job {job_id} ({e}); follow it at "
+                                 f"/jobs/{job_id} once the queue is back, or send the request again",
+                            headers={"Retry-After": RETRY_AFTER, "X-Job-Id": job_id})
+    if state is None:  # Redis restarted without persistence (or the result TTL is shorter than the wait)
+        raise HTTPException(503, f"job {job_id} is gone from the queue (Redis lost it); send the request again",
+                            headers={"Retry-After": RETRY_AFTER, "X-Job-Id": job_id})
     if state.status not in ENDED:
         raise HTTPException(504, f"job {job_id} is still {state.status} after {settings.job_timeout:g} s; "
                                  f"follow it at /jobs/{job_id}", headers={"X-Job-Id": job_id})
@@ -304,9 +317,24 @@ async def wait_for_result(queue, settings: Settings, state: JobState) -> tuple[J
     return state, pngs
 
 
+async def _wait_while_connected(request: Request, queue, job_id: str, timeout: float) -> Optional[JobState]:
+    """queue.wait, checking every DISCONNECT_POLL s that the client is still there; if it hung up, cancel
+    the job (queued: it never runs; running: it stops, or is left out of its batch's results)."""
+    waiting = asyncio.ensure_future(queue.wait(job_id, timeout))
+    try:
+        while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL))[0]:
+            if await request.is_disconnected():
+                log.info("the client waiting for job %s hung up: cancelling the job", job_id)
+                await queue.cancel(job_id)
+                raise HTTPException(409, f"job {job_id} was cancelled: its client disconnected")
+        return waiting.result()
+    finally:
+        waiting.cancel()  # (a no-op once it is done)
+
+
 async def wait_and_answer(request: Request, queue, settings: Settings, state: JobState):
     """Wait for the job; one PNG, or JSON with every image, its seed and parameters."""
-    state, pngs = await wait_for_result(queue, settings, state)
+    state, pngs = await wait_for_result(queue, settings, state, request)
     job_id, seed = state.id, state.params["seed"]
     headers = {"X-Seed": str(seed), "X-Job-Id": job_id}
     if len(pngs) == 1 and "application/json" not in request.headers.get("accept", ""):

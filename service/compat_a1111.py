@@ -169,7 +169,7 @@ def router(settings: Settings) -> APIRouter:
             images, seeds, interrupted = [], [], False
             for job_id in ids:
                 try:
-                    state, pngs = await wait_for_result(queue, settings, await queue.state(job_id))
+                    state, pngs = await wait_for_result(queue, settings, await queue.state(job_id), request)
                 except HTTPException as e:
                     if e.status_code != 409:  # 409: cancelled by /interrupt (or DELETE /jobs/{id})
                         raise

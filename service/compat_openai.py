@@ -202,7 +202,7 @@ def router(settings: Settings) -> APIRouter:
             raise RequestValidationError(e.errors())
 
     async def answer(request: Request, body, state) -> JSONResponse:
-        state, pngs = await wait_for_result(request.app.state.queue, settings, state)
+        state, pngs = await wait_for_result(request.app.state.queue, settings, state, request)
         if body.response_format == "url":
             data = [{"url": str(request.url_for("job_image_n", job_id=state.id, n=n))} for n in range(len(pngs))]
         else:

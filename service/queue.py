@@ -473,12 +473,17 @@ class RedisQueue:
         if self._sync is None:
             self._sync = redis.Redis.from_url(self.url, socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT)
             self._transition = self._sync.register_script(_TRANSITION)
-            try:
-                self._sync.xgroup_create(self.stream, self.GROUP, id="0", mkstream=True)
-            except redis.ResponseError as e:
-                if "BUSYGROUP" not in str(e):
-                    raise
+            self._create_group(self._sync)
         return self._sync
+
+    def _create_group(self, r) -> None:
+        import redis
+
+        try:
+            r.xgroup_create(self.stream, self.GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
 
     def _set(self, job_id: str, allowed: str, client=None, **fields):
         args = [allowed, self.result_ttl] + [x for kv in fields.items() for x in (kv[0], "" if kv[1] is None else kv[1])]
@@ -491,9 +496,19 @@ class RedisQueue:
     def take(self, max_jobs: int, block: float, gather: float, consumer: str = "worker") -> list[Job]:
         """Up to max_jobs jobs, now running: first entries other workers left idle past the visibility
         timeout, then new ones (blocking up to `block` s for the first, `gather` s for more)."""
+        import redis
+
         r = self._redis()
-        _, claimed, _ = r.xautoclaim(self.stream, self.GROUP, consumer, min_idle_time=self.visibility_ms,
-                                     start_id="0-0", count=max_jobs)
+        try:
+            _, claimed, _ = r.xautoclaim(self.stream, self.GROUP, consumer, min_idle_time=self.visibility_ms,
+                                         start_id="0-0", count=max_jobs)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            # Redis restarted empty (no persistence) or the stream was deleted: make the group again, from
+            # the stream's start, so jobs the API added since are read, not skipped
+            self._create_group(r)
+            return []
         entries = [(e, f) for e, f in claimed if f]
         if len(entries) < max_jobs:
             entries += self._read(r, consumer, max_jobs - len(entries), None if entries else block)

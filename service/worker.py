@@ -14,7 +14,9 @@ A group that raises is rerun job by job, so one bad job does not fail the others
 ValueError (its own bad input) fails at once; any other error is retried up to max_attempts runs.
 A cancelled job is stopped between steps (model.Cancelled) when every job of its group is cancelled,
 and otherwise left out of the results. On stop (SIGTERM), the running group finishes and the jobs
-taken but not started go back to the queue.
+taken but not started go back to the queue. When the queue itself cannot be reached (Redis down) the
+running group stops (its jobs are not failed: they are the queue's to give out again) and the worker
+retries with a growing pause until the queue answers.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ log = logging.getLogger("sd.worker")
 
 HEARTBEAT_TTL = 30.0   # seconds a worker counts as alive after it last reported in
 TAKE_BLOCK = 1.0       # seconds a take blocks when the queue is empty (how soon a stop is noticed)
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 8.0  # seconds between tries while the queue is unreachable
+
+
+class QueueLost(Exception):
+    """The queue could not be reached in the middle of a batch. The batch's jobs are not at fault: they are
+    not failed or retried here; if the queue kept them, they are claimed again after the visibility timeout."""
 
 
 def load_pipeline(settings):
@@ -89,14 +97,21 @@ class Worker:
         self.calls = 0  # pipeline calls made: one per batch
 
     def run(self, stop: threading.Event) -> None:
-        """Work until `stop` is set; then finish the running batch and release the rest."""
+        """Work until `stop` is set; then finish the running batch and release the rest. While the queue
+        cannot be reached (Redis down) the worker stays up and tries again after a pause that doubles each
+        time, from BACKOFF_MIN to BACKOFF_MAX s: no tight loop, and back to work soon after Redis is."""
         log.info("worker %s ready (max_batch=%d)", self.name, self.settings.max_batch)
+        pause = BACKOFF_MIN
         while not stop.is_set():
             try:
                 self.run_once(stop)
-            except Exception:  # noqa: BLE001  (Redis down, ...: keep the worker alive and try again)
-                log.exception("worker loop error; retrying in 1 s")
-                stop.wait(1.0)
+                pause = BACKOFF_MIN
+            except Exception as e:  # noqa: BLE001  (Redis down, ...: keep the worker alive and try again)
+                if pause == BACKOFF_MIN:  # the first failure in a row: the whole story, once
+                    log.exception("worker loop error")
+                log.warning("queue error (%s: %s); retrying in %.1f s", type(e).__name__, e, pause)
+                stop.wait(pause)
+                pause = min(2 * pause, BACKOFF_MAX)
         log.info("worker %s stopped", self.name)
 
     def run_once(self, stop: threading.Event | None = None) -> int:
@@ -125,6 +140,8 @@ class Worker:
             for job in jobs:
                 self.queue.cancelled(job)
             return
+        except QueueLost:  # not the jobs' fault: stop the batch, let run() back off
+            raise
         except Exception as e:  # noqa: BLE001
             if len(jobs) > 1:
                 log.warning("batch of %d failed (%s); running its jobs one by one", len(jobs), e)
@@ -163,10 +180,13 @@ class Worker:
             now = time.monotonic()
             step_times.append(now - last[0])
             last[0] = now
-            cancelled.update(self.queue.progress(jobs, step, total, consumer=self.name))
-            if now - last[1] > HEARTBEAT_TTL / 3:
-                self.queue.heartbeat(self.name, HEARTBEAT_TTL)
-                last[1] = now
+            try:
+                cancelled.update(self.queue.progress(jobs, step, total, consumer=self.name))
+                if now - last[1] > HEARTBEAT_TTL / 3:
+                    self.queue.heartbeat(self.name, HEARTBEAT_TTL)
+                    last[1] = now
+            except Exception as e:  # noqa: BLE001
+                raise QueueLost(f"{type(e).__name__}: {e}") from e
             if len(cancelled) == len(jobs):
                 raise Cancelled()
 
@@ -180,7 +200,10 @@ class Worker:
             for t in step_times:
                 for k, v in observe("sd_step_seconds", t).items():
                     stats[k] = stats.get(k, 0.0) + v
-            self.queue.record(stats)
+            try:
+                self.queue.record(stats)
+            except Exception as e:  # noqa: BLE001  (metrics are best effort; never mask the batch's own error)
+                log.warning("could not record batch metrics: %s", e)
 
 
 def start_in_thread(pipe, queue, settings) -> tuple[Worker, threading.Thread, threading.Event]:

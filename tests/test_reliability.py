@@ -1,0 +1,441 @@
+"""
+Faults caused for real, and what the service promises under each (docs/reliability.md, "Faults"):
+
+  - a worker killed with SIGKILL in the middle of a batch: a worker started after it claims the batch's
+    jobs once the visibility timeout has passed and finishes them; every waiting client gets its image,
+    the one its request makes alone, once;
+  - a live worker on a job longer than the visibility timeout keeps its claim: the job runs once, even
+    with a second worker polling for idle jobs the whole time;
+  - Redis stopped under load: requests answer 503 with Retry-After (none hangs, none is a 500), the worker
+    backs off and stays up, and once Redis is back (empty: it was run without persistence) new jobs succeed;
+  - a job that makes the pipeline raise is retried max_attempts times, then failed with its error; the
+    jobs in its batch succeed;
+  - queue full: 429 with Retry-After; a client that hangs up while its synchronous request waits: its job is
+    cancelled and never runs; a wait that times out: 504 naming the job, which can then be followed to its image.
+
+Every test runs on its own `redis-server` (a free port, no persistence) so it may be stopped and killed,
+with the tiny random model (16x16 images), uvicorn on loopback, and real `sd worker` processes where a
+process is killed or must run beside another one.
+"""
+
+import dataclasses
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+import pytest
+import redis
+
+from service.api import create_app
+from service.queue import RedisQueue
+from service.settings import Settings
+from service.worker import Worker
+from test_service_http import Server
+from test_service_load import free_port, pixels, same_image, wait_until
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+
+
+# -----------------------------------------------------------------------------
+# real processes: redis-server and `sd worker`
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, without persistence: stop() and start() again on the
+    same port give an empty Redis, as a restarted production Redis without AOF/RDB would be."""
+
+    def __init__(self, tmp_path):
+        self.port, self.dir = free_port(), tmp_path
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+
+        def up():
+            assert self.proc.poll() is None, "redis-server exited"
+            try:
+                return client.ping()
+            except redis.ConnectionError:
+                return False
+        wait_until(up, timeout=30, what="redis-server")
+        client.close()
+        return self
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny pipeline in this process on one torch thread: beside worker processes on a small machine,
+    more threads only spin and wait (60 steps took 12 s on 2 busy cores, 0.7 s on one thread)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop(signal.SIGKILL)
+
+
+class WorkerProcess:
+    """`sd worker` on one CPU thread; its log goes to a file (a pipe nobody reads could fill and block it)."""
+
+    def __init__(self, weights, url, prefix, *flags):
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SD_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--weights", str(weights),
+                                      "--redis", url, "--key-prefix", prefix, *map(str, flags)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.pid = self.proc.pid
+
+    def output(self) -> str:
+        with open(self.log.name) as f:
+            return f.read()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+class Service:
+    """The API (uvicorn in a thread, no worker) on a private Redis; `sd worker` processes added with worker()."""
+
+    def __init__(self, redis_server, weights, **settings):
+        self.redis_server, self.weights = redis_server, weights
+        self.prefix = f"rel-{secrets.token_hex(4)}"
+        self.settings = Settings(weights=str(weights), redis_url=redis_server.url, key_prefix=self.prefix,
+                                 **settings)
+        self.workers: list[WorkerProcess] = []
+        self.threads: list[tuple[threading.Thread, threading.Event, RedisQueue]] = []
+
+    def __enter__(self):
+        self.server = Server(create_app(self.settings, worker=False)).__enter__()
+        self.url = self.server.url
+        self.http = httpx.Client(base_url=self.url, timeout=120)
+        self.redis = redis.Redis.from_url(self.redis_server.url)
+        return self
+
+    def __exit__(self, *exc):
+        for w in self.workers:
+            w.stop()
+        for _, stop, _ in self.threads:
+            stop.set()
+        for thread, _, queue in self.threads:
+            thread.join(60)
+            queue.close()
+        self.http.close()
+        self.server.__exit__()
+        self.redis.close()
+
+    def worker(self, *flags) -> WorkerProcess:
+        """Start `sd worker` and wait until it has loaded the model and reported in."""
+        w = WorkerProcess(self.weights, self.redis_server.url, self.prefix, *flags)
+        self.workers.append(w)
+
+        def ready():
+            assert w.alive(), w.output()
+            return bool(self.redis.keys(f"{self.prefix}:worker:*-{w.pid}-*"))
+        wait_until(ready, timeout=120, what="the worker to load the model")
+        return w
+
+    def thread_worker(self, pipe, name: str, **settings) -> tuple[Worker, threading.Thread]:
+        """A worker in a thread of this process (the worker code of `sd worker`, on a pipeline the test holds)."""
+        settings = dataclasses.replace(self.settings, **settings)
+        queue = RedisQueue(self.redis_server.url, prefix=self.prefix, max_attempts=settings.max_attempts,
+                           visibility_timeout=settings.visibility_timeout)
+        worker, stop = Worker(pipe, queue, settings, name=name), threading.Event()
+        thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+        thread.start()
+        self.threads.append((thread, stop, queue))
+        return worker, thread
+
+    def job(self, job_id: str) -> dict:
+        """The job's hash in Redis, decoded."""
+        return {k.decode(): v.decode() for k, v in self.redis.hgetall(f"{self.prefix}:job:{job_id}").items()}
+
+    def jobs(self) -> dict[str, dict]:
+        ids = [k.decode().rsplit(":", 1)[1] for k in self.redis.keys(f"{self.prefix}:job:*")]
+        return {i: self.job(i) for i in ids}
+
+
+def post_all(url: str, path: str, bodies: list[dict], timeout: float = 120) -> tuple[list, list]:
+    """Each body POSTed from its own thread and connection, all at once: the threads, and the list their
+    answers (or exceptions: a timeout is a hang) fill in."""
+    answers = [None] * len(bodies)
+
+    def send(i):
+        try:
+            with httpx.Client(base_url=url, timeout=timeout) as c:
+                answers[i] = c.post(path, json=bodies[i])
+        except Exception as e:  # noqa: BLE001
+            answers[i] = e
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    return threads, answers
+
+
+# -----------------------------------------------------------------------------
+# worker killed mid-batch; a live worker keeps its claim
+
+
+def test_worker_killed_mid_batch_its_jobs_are_claimed_and_every_client_gets_its_image(redis_server, tiny_weights):
+    bodies = [{"prompt": PROMPTS[i], "seed": 10 + i, "steps": 60} for i in range(3)]
+    with Service(redis_server, tiny_weights, job_timeout=120) as s:
+        threads, answers = post_all(s.url, "/txt2img", bodies)
+        wait_until(lambda: len(s.jobs()) == 3, what="the three jobs to be queued")
+        first = s.worker("--visibility-timeout", 1, "--max-batch", 4)  # takes all three: one batch
+
+        def batch_running():  # some steps into the batch
+            jobs = s.jobs()
+            return len(jobs) == 3 and all(j["status"] == "running" and int(j["step"]) > 0 for j in jobs.values())
+        wait_until(batch_running, what="the batch to run")
+        first.kill()
+        jobs = s.jobs()
+        assert all(j["status"] == "running" and j["attempts"] == "1" and f"-{first.pid}-" in j["worker"]
+                   and int(j["step"]) < 60 for j in jobs.values()), jobs
+
+        second = s.worker("--visibility-timeout", 1, "--max-batch", 4)  # the restarted worker
+        for t in threads:
+            t.join(120)
+
+        for body, answer in zip(bodies, answers):
+            assert isinstance(answer, httpx.Response) and answer.status_code == 200, answer
+            job = s.job(answer.headers["x-job-id"])
+            # claimed from the dead worker (a second run), and stored once: the answer is the stored image
+            assert (job["status"], job["attempts"], job["images"]) == ("done", "2", "1")
+            assert f"-{second.pid}-" in job["worker"]
+            assert s.http.get(f"/jobs/{answer.headers['x-job-id']}/image").content == answer.content
+            alone = s.http.post("/txt2img", json=body)  # the same request again, alone in its batch
+            assert same_image(pixels(answer.content), pixels(alone.content))  # its own image, not a batch-mate's
+        assert len({a.content for a in answers}) == 3
+        assert s.redis.xlen(f"{s.prefix}:jobs") == 0                       # nothing left in the stream ...
+        assert s.redis.xpending(f"{s.prefix}:jobs", "workers")["pending"] == 0  # ... or claimed by anyone
+        assert second.alive()
+
+
+def test_a_live_worker_keeps_the_claim_on_a_job_longer_than_the_visibility_timeout(redis_server, tiny_weights,
+                                                                                    tiny_pipe):
+    with Service(redis_server, tiny_weights) as s:
+        # two workers (threads of this process here: the claim is refreshed by the same code as in `sd worker`)
+        # with a visibility timeout of 0.3 s; both look for idle jobs (XAUTOCLAIM) at least every second
+        workers = [s.thread_worker(tiny_pipe, f"w{i}", visibility_timeout=0.3) for i in range(2)]
+        # 100 steps of four images: seconds, many times the visibility timeout
+        r = s.http.post("/jobs/txt2img", json={"prompt": PROMPTS[0], "seed": 1, "steps": 100, "num_images": 4})
+        job_id = r.json()["id"]
+        wait_until(lambda: s.job(job_id)["status"] == "running", what="the job to start")
+        started = time.monotonic()
+        wait_until(lambda: s.job(job_id)["status"] == "done", what="the job")
+        held = time.monotonic() - started
+        job = s.job(job_id)
+        assert job["attempts"] == "1", job  # ran once: never claimed from the worker running it
+        assert all(thread.is_alive() for _, thread in workers) and len(s.redis.keys(f"{s.prefix}:worker:*")) == 2
+        assert sum(w.calls for w, _ in workers) == 1  # one pipeline call in all
+        # a precondition, not a speed test: a job shorter than the timeout would pass without any refresh
+        assert held > 3 * 0.3, f"the job took {held:.2f} s: too short to show anything"
+        assert s.http.get(f"/jobs/{job_id}/image/3").status_code == 200
+
+
+# -----------------------------------------------------------------------------
+# Redis stopped under load
+
+
+def test_redis_stopped_under_load_503_then_back_to_work(redis_server, tiny_weights):
+    """Redis runs without persistence, as the default deployment does: stopping it loses what it held. The
+    promise is that nothing hangs or crashes: a job in flight when Redis stops is lost WITH Redis, its waiting
+    client is told so (503 naming the job) and may send it again; after the restart new jobs succeed."""
+    with Service(redis_server, tiny_weights, job_timeout=60) as s:
+        worker = s.worker("--max-batch", 4)
+        phase, stop, answers = ["up"], threading.Event(), []
+
+        def client(k):  # sends requests one after another, noting the phase each was sent in
+            with httpx.Client(base_url=s.url, timeout=30) as c:  # 30 s < job_timeout: a hang is a ReadTimeout
+                for i in range(1000):
+                    if stop.is_set():
+                        return
+                    sent_in, t = phase[0], time.monotonic()
+                    try:
+                        r = c.post("/txt2img", json={"prompt": PROMPTS[k], "seed": 1000 * k + i, "steps": 20})
+                        answers.append((sent_in, r.status_code, r.headers, time.monotonic() - t))
+                    except Exception as e:  # noqa: BLE001
+                        answers.append((sent_in, type(e).__name__, {}, time.monotonic() - t))
+                    if answers[-1][1] != 200:
+                        time.sleep(0.2)  # a client that backs off a little (Retry-After says 5 s)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: sum(a[1] == 200 for a in answers) >= 4, what="some answers before the stop")
+        phase[0] = "stopping"
+        redis_server.stop()
+        phase[0] = "down"
+        # down until the worker has tried three times: 0.5 + 1 + 2 s
+        wait_until(lambda: worker.output().count("retrying in") >= 3, what="the worker to retry")
+        phase[0] = "restarting"
+        redis_server.start()  # the same port, empty
+        phase[0] = "back"
+        wait_until(lambda: sum(a[0] == "back" and a[1] == 200 for a in answers) >= 4, timeout=90,
+                   what="jobs to succeed after the restart")
+        stop.set()
+        for t in threads:
+            t.join(60)
+
+        # every request was answered (no hang, no 500): an image, or 503 with Retry-After
+        assert all(a[1] in (200, 503) for a in answers), [a[:2] for a in answers if a[1] not in (200, 503)]
+        unavailable = [a for a in answers if a[1] == 503]
+        assert unavailable and all(a[2].get("retry-after") for a in unavailable)
+        assert all(a[1] == 503 for a in answers if a[0] == "down")
+        # the requests waiting when Redis stopped were told which job: it was lost with Redis
+        lost = [a[2]["x-job-id"] for a in unavailable if a[0] in ("up", "stopping") and "x-job-id" in a[2]]
+        assert lost, "no request was waiting when Redis stopped"
+        assert all(s.http.get(f"/jobs/{job_id}").status_code == 404 for job_id in lost)
+        # after the restart: images again, the last answers all of them
+        back = [a[1] for a in answers if a[0] == "back"]
+        assert back[-4:] == [200] * 4, back
+
+        # the worker stayed up and waited between tries, longer each time: no crash loop, no tight loop
+        assert worker.alive()
+        log = worker.output()
+        pauses = [float(p) for p in re.findall(r"retrying in ([\d.]+) s", log)]
+        assert pauses[:3] == [0.5, 1.0, 2.0] and pauses == sorted(pauses) and max(pauses) <= 8.0, pauses
+        assert log.count("worker loop error") == 1, log[-3000:]  # the traceback once an outage, then a line a try
+        assert s.http.get("/readyz").status_code == 200
+        print(f"\n{len(answers)} answers: {sum(a[1] == 200 for a in answers)} images, {len(unavailable)} 503s "
+              f"(slowest {max(a[3] for a in unavailable):.2f} s; {sum(a[0] == 'down' for a in answers)} sent while "
+              f"down), {len(lost)} jobs lost with Redis; worker pauses {pauses}")
+
+
+# -----------------------------------------------------------------------------
+# a job that makes the pipeline raise
+
+
+class Poisoned:
+    """The tiny pipeline with an injected fault: a call whose batch holds a prompt containing POISON raises.
+    Test-only (the worker in a thread of this process is handed it), so the service gains no hook for it.
+    It records the prompts of every call."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, []
+
+    native_size = property(lambda self: self.pipe.native_size)
+
+    def generate(self, requests, **kw):
+        self.calls.append([r.prompt for r in requests])
+        if any("POISON" in r.prompt for r in requests):
+            raise RuntimeError("injected failure")
+        return self.pipe.generate(requests, **kw)
+
+
+def test_a_job_that_makes_the_pipeline_raise_is_retried_then_failed_and_its_batch_mates_succeed(redis_server,
+                                                                                                tiny_weights,
+                                                                                                tiny_pipe):
+    good = [{"prompt": PROMPTS[i], "seed": 20 + i, "steps": 10} for i in range(3)]
+    poison = {"prompt": "POISON " + PROMPTS[3], "seed": 23, "steps": 10}
+    with Service(redis_server, tiny_weights, max_attempts=3, batch_window=0.2) as s:
+        threads, answers = post_all(s.url, "/txt2img", good + [poison])
+        wait_until(lambda: len(s.jobs()) == 4, what="the four jobs to be queued")  # then one worker takes all four
+        pipe = Poisoned(tiny_pipe)
+        s.thread_worker(pipe, "w")
+        for t in threads:
+            t.join(120)
+
+        assert sorted(pipe.calls[0]) == sorted(b["prompt"] for b in good + [poison])  # one batch, then ...
+        assert pipe.calls.count([poison["prompt"]]) == 3                            # ... the poison alone, 3 runs
+        *fine, bad = answers
+        assert bad.status_code == 500 and bad.json()["detail"] == "RuntimeError: injected failure"
+        job = s.job(bad.headers["x-job-id"])
+        assert (job["status"], job["attempts"], job["error"]) == ("failed", "3", "RuntimeError: injected failure")
+        assert s.http.get(f"/jobs/{bad.headers['x-job-id']}").json()["error"] == "RuntimeError: injected failure"
+        for body, answer in zip(good, fine):
+            assert answer.status_code == 200 and s.job(answer.headers["x-job-id"])["attempts"] == "1"
+            alone = s.http.post("/txt2img", json=body)  # the same request, alone: the same image
+            assert same_image(pixels(answer.content), pixels(alone.content))
+        assert s.redis.xlen(f"{s.prefix}:jobs") == 0
+
+
+# -----------------------------------------------------------------------------
+# queue full, a client that hangs up, a wait that times out
+
+
+def test_queue_full_is_429_with_retry_after(redis_server, tiny_weights):
+    with Service(redis_server, tiny_weights, queue_limit=2) as s:  # no worker: jobs stay queued
+        for seed in (1, 2):
+            assert s.http.post("/jobs/txt2img", json={"prompt": "x", "seed": seed}).status_code == 202
+        for path in ("/jobs/txt2img", "/txt2img"):
+            r = s.http.post(path, json={"prompt": "x", "seed": 3})
+            assert r.status_code == 429 and r.headers["retry-after"] == "5" and "queue full" in r.json()["detail"]
+        assert len(s.jobs()) == 2  # the refused ones left nothing behind
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/txt2img", b'{"prompt": "a job for nobody", "seed": 5, "steps": 2}'),
+    ("/v1/images/generations", b'{"prompt": "a job for nobody", "n": 1, "seed": 5, "steps": 2}'),  # OpenAI layer
+    ("/sdapi/v1/txt2img", b'{"prompt": "a job for nobody", "seed": 5, "steps": 2}'),  # AUTOMATIC1111 layer
+], ids=["native", "openai", "a1111"])
+def test_a_client_that_hangs_up_has_its_queued_job_cancelled_not_run(redis_server, tiny_weights, tiny_pipe,
+                                                                     path, body):
+    with Service(redis_server, tiny_weights) as s:  # no worker yet: the job waits in the queue
+        with socket.create_connection(("127.0.0.1", s.server.server.config.port)) as conn:
+            conn.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+            wait_until(lambda: [j["status"] for j in s.jobs().values()] == ["queued"], what="the job to queue")
+        # the client has closed its connection
+        (job_id,) = s.jobs()
+        wait_until(lambda: s.job(job_id)["status"] == "cancelled", what="the job to be cancelled")
+
+        pipe = Poisoned(tiny_pipe)  # (records what it runs; nothing here says POISON)
+        s.thread_worker(pipe, "w")
+        r = s.http.post("/txt2img", json={"prompt": "a job for someone", "seed": 6, "steps": 2})
+        assert r.status_code == 200
+        assert pipe.calls == [["a job for someone"]]  # the worker read past the cancelled job without running it
+        job = s.job(job_id)
+        assert (job["status"], job["started"], job["attempts"]) == ("cancelled", "", "0")
+        assert s.redis.xlen(f"{s.prefix}:jobs") == 0
+
+
+def test_a_wait_that_times_out_is_504_with_the_job_id_and_the_job_can_be_followed(redis_server, tiny_weights,
+                                                                                   tiny_pipe):
+    with Service(redis_server, tiny_weights, job_timeout=1) as s:  # no worker for now
+        r = s.http.post("/txt2img", json={"prompt": PROMPTS[0], "seed": 7, "steps": 2})
+        job_id = r.headers["x-job-id"]
+        assert r.status_code == 504 and f"/jobs/{job_id}" in r.json()["detail"]
+        assert s.http.get(f"/jobs/{job_id}").json()["status"] == "queued"  # not cancelled: the client may poll
+        s.thread_worker(tiny_pipe, "w")
+        wait_until(lambda: s.http.get(f"/jobs/{job_id}").json()["status"] == "done", what="the job")
+        image = s.http.get(f"/jobs/{job_id}/image")
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG") and image.headers["x-seed"] == "7"
