@@ -139,6 +139,17 @@ class StableDiffusion:
 
         return cls(load(path, device=device, dtype=dtype, tokenizer=tokenizer), name=Path(path).stem or "model")
 
+    def optimize(self, *, channels_last: bool = False, compile: bool = False) -> "StableDiffusion":
+        """Turn on speed levers (model/speed.py; measured in docs/performance.md). Outputs stay within the
+        parity tolerances and the state_dicts keep their keys. compile: torch.compile the UNet, in place;
+        each new batch size or image size pays for a compilation on its first call (minutes on a CPU), and on
+        a CPU the weights are frozen into each compiled graph (a second copy; they must not change afterwards)."""
+        from .speed import optimize_unet, optimize_vae
+
+        optimize_unet(self.unet, channels_last=channels_last, compile=compile)
+        optimize_vae(self.vae, channels_last=channels_last)
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device

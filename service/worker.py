@@ -50,7 +50,9 @@ def load_pipeline(settings):
 
     device = settings.torch_device()
     log.info("loading %s on %s", settings.weights, device)
-    return StableDiffusion.from_pretrained(settings.weights, device=device, dtype=settings.torch_dtype(device))
+    pipe = StableDiffusion.from_pretrained(settings.weights, device=device, dtype=settings.torch_dtype(device))
+    levers = {v.strip() for v in settings.optimize.split(",")}
+    return pipe.optimize(channels_last="channels_last" in levers, compile="compile" in levers)
 
 
 def group_key(job) -> tuple:
