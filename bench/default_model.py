@@ -38,7 +38,7 @@ def main():
     one = timed(lambda: pipe.txt2img("a large red circle in the center on a blue background", steps=args.steps), args.repeats)
     print(f"one image:            {one * 1000:7.1f} ms  (target < 500 ms)")
     for batch in (1, 8):
-        requests = [Request(f"a small green square in the top left on a white background", seed=i) for i in range(batch)]
+        requests = [Request("a small green square in the top left on a white background", seed=i) for i in range(batch)]
         t = timed(lambda: pipe.generate(requests, steps=args.steps), max(3, args.repeats // batch))
         print(f"batch {batch}:              {batch / t:7.2f} images/s  ({t * 1000:.0f} ms a batch)")
 

@@ -132,8 +132,8 @@ def main():
               f"(warm-up {warm['diffusers']:.0f} s / {warm['ours']:.0f} s) at {time.perf_counter() - t0:.0f} s",
               flush=True)
 
-    print(f"\n| configuration | batch | diffusers s | ours s | time ratio ours/diffusers | diffusers img/s | "
-          f"ours img/s | img/s ratio | max pixel diff | warm-up s (diffusers / ours) |")
+    print("\n| configuration | batch | diffusers s | ours s | time ratio ours/diffusers | diffusers img/s | "
+          "ours img/s | img/s ratio | max pixel diff | warm-up s (diffusers / ours) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for label, batch, d, o, wd, wo, diff in rows:
         print(f"| {label} | {batch} | {d:.3f} | {o:.3f} | {o / d:.3f} | {batch / d:.2f} | {batch / o:.2f} | "

@@ -32,6 +32,7 @@ from model.pnginfo import read_parameters
 from model.samplers import SAMPLERS
 from service.api import create_app
 from service.settings import Settings
+from test_compat import HoldingPipe
 from test_service_http import Server, png, upload, wait_until
 
 MAX_PIXELS, MAX_UPLOAD = 64 * 64, 100_000
@@ -239,30 +240,6 @@ def check(response: httpx.Response, expected, words: list[str]) -> None:
 # the service
 
 
-class HoldingPipe:
-    """The tiny pipeline; hold(step) makes the next batch wait at that step until release is set."""
-
-    def __init__(self, pipe):
-        self.pipe, self.hold_at = pipe, None
-        self.reached, self.release = threading.Event(), threading.Event()
-
-    @property
-    def native_size(self):
-        return self.pipe.native_size
-
-    def hold(self, step):
-        self.hold_at = step
-        self.reached.clear(), self.release.clear()
-
-    def generate(self, requests, callback=None, **kw):
-        def cb(step, total):
-            callback(step, total)
-            if step == self.hold_at:
-                self.hold_at = None
-                self.reached.set()
-                assert self.release.wait(120)
-
-        return self.pipe.generate(requests, callback=cb, **kw)
 
 
 @pytest.fixture(scope="module")

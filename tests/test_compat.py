@@ -76,7 +76,7 @@ class HoldingPipe:
             if step == self.hold_at:
                 self.hold_at = None
                 self.reached.set()
-                assert self.release.wait(60)
+                assert self.release.wait(120)
 
         return self.pipe.generate(requests, callback=cb, **kw)
 

@@ -29,6 +29,7 @@ from service.api import OPEN_PATHS, create_app
 from service.queue import RedisQueue, new_job_id
 from service.settings import Settings
 from service.worker import Worker
+from test_compat import HoldingPipe
 from test_service_http import REDIS, Server, png, wait_until
 
 KEY_A, KEY_B = "key-a-" + secrets.token_hex(8), "key-b-" + secrets.token_hex(8)
@@ -146,28 +147,6 @@ def test_job_ids_are_unguessable(monkeypatch):
 # ownership: one key cannot see another's jobs (Redis, a real worker)
 
 
-class HoldingPipe:
-    def __init__(self, pipe):
-        self.pipe, self.hold_at = pipe, None
-        self.reached, self.release = threading.Event(), threading.Event()
-
-    @property
-    def native_size(self):
-        return self.pipe.native_size
-
-    def hold(self, step):
-        self.hold_at = step
-        self.reached.clear(), self.release.clear()
-
-    def generate(self, requests, callback=None, **kw):
-        def cb(step, total):
-            callback(step, total)
-            if step == self.hold_at:
-                self.hold_at = None
-                self.reached.set()
-                assert self.release.wait(120)
-
-        return self.pipe.generate(requests, callback=cb, **kw)
 
 
 @pytest.fixture
