@@ -93,7 +93,7 @@ def wait_until(predicate, timeout=60, what="condition"):
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def png(response) -> Image.Image:

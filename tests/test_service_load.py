@@ -14,7 +14,6 @@ import io
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,8 @@ from model import StableDiffusion
 from model.pnginfo import read_parameters
 from service.api import create_app
 from service.settings import DEFAULT_WEIGHTS, Settings
+from test_service_http import free_port, png
+from test_service_http import wait_until as _wait_until
 
 REDIS = "redis://127.0.0.1:6379/15"
 STEPS = 10        # enough to exercise the sampler; few, to keep the file cheap on CPU
@@ -49,23 +50,9 @@ BURST = [{"prompt": PROMPTS[i % 4], "seed": 100 + i, "guidance_scale": (7.5, 1.0
 # helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_until(predicate, timeout=120, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def png(response) -> Image.Image:
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"] == "image/png"
-    return Image.open(io.BytesIO(response.content))
+    """test_service_http's, with longer patience: the default model loads and runs slower than the tiny one."""
+    return _wait_until(predicate, timeout, what)
 
 
 def pixels(data: bytes | Image.Image) -> np.ndarray:
