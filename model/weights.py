@@ -20,11 +20,13 @@ are only ever read with torch.load(weights_only=True), which refuses to run code
 """
 
 import json
+import mmap
 import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -84,6 +86,45 @@ def _file_kind(file):
     return None
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(file):
+    """
+    {key: tensor} of a .safetensors file, copied into memory of their own, the file's pages let go of as soon as
+    they are copied. Tensors that stay views of a mapped file keep every page they were read from counted in the
+    process' memory while any one tensor of the file lives, so weights replaced after loading (prepacked
+    convolutions, model/speed.py) would keep their space; copying with the whole file mapped would need twice
+    the memory while loading. safe_open checks the header first (offsets inside the file, no gaps or overlaps).
+    """
+    with safe_open(str(file), framework="pt") as checked, open(file, "rb") as f, \
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:    # private: writes would not reach the file
+        header_len = int.from_bytes(mapped[:8], "little")
+        header = json.loads(mapped[8:8 + header_len])
+        keys = list(checked.keys())
+        state, released = {}, 0
+        for key in sorted(keys, key=lambda k: header[k]["data_offsets"][0]):     # in file order
+            info = header[key]
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:                                  # rare dtypes (fp8, ...): safetensors' own reader
+                state[key] = checked.get_tensor(key).clone()
+                continue
+            begin, end = (8 + header_len + offset for offset in info["data_offsets"])
+            tensor = torch.empty(info["shape"], dtype=dtype)
+            if end > begin:    # torch's copy (all threads) from a view of the pages, which are never written
+                pages = torch.from_numpy(np.frombuffer(mapped, np.uint8, end - begin, begin))
+                tensor.view(-1).view(torch.uint8).copy_(pages)
+                del pages      # no view may outlive the mapping
+            state[key] = tensor
+            copied = end // mmap.PAGESIZE * mmap.PAGESIZE     # pages before this one are not read again
+            if copied > released and hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_DONTNEED, released, copied - released)   # still in the page cache
+                released = copied
+    return {key: state[key] for key in keys}
+
+
 def read_state_dict(file):
     """
     All tensors of one weights file as {key: CPU tensor}: .safetensors, or a torch file (.ckpt/.pt/.bin)
@@ -95,8 +136,7 @@ def read_state_dict(file):
     kind = _file_kind(file)
     if kind == "safetensors":
         try:
-            with safe_open(str(file), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
+            return _read_safetensors(file)
         except Exception as e:
             raise WeightsError(f"{file}: not a readable .safetensors file (truncated or corrupt?): {e}") from e
     if kind == "torch":

@@ -304,3 +304,32 @@ def test_missing_tokenizer(ref_dir, tmp_path):
     shutil.rmtree(tmp_path / "sd" / "tokenizer")
     refused(tmp_path / "sd", "tokenizer=", "vocab.json")
     assert load(tmp_path / "sd", tokenizer=ref_dir[1] / "tokenizer").tokenizer.vocab
+
+
+def test_safetensors_are_read_into_memory_of_their_own(tmp_path):
+    """Every dtype comes back exactly, and the tensors are copies, not a map of the file: rewriting the file
+    afterwards (as training does) leaves them alone, and freeing one frees its memory."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+               "bf16": torch.randn(2, 3, generator=g).bfloat16(), "i64": torch.arange(4),
+               "mask": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    file = tmp_path / "w.safetensors"
+    save_file(tensors, str(file))
+    state = read_state_dict(file)
+    assert sorted(state) == sorted(load_file(str(file))) == sorted(tensors)
+    for key, want in tensors.items():
+        assert state[key].dtype == want.dtype and torch.equal(state[key], want), key
+    size = file.stat().st_size
+    with open(file, "r+b") as f:                                  # the same file, overwritten in place
+        header_len = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header_len)
+        f.write(b"\xff" * (size - 8 - header_len))
+    assert all(torch.equal(state[k], v) for k, v in tensors.items())
+
+
+def test_truncated_safetensors_data_is_named(tmp_path):
+    file = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(1000), "b": torch.ones(10)}, str(file))
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(WeightsError, match="w.safetensors: not a readable .safetensors file"):
+        read_state_dict(file)
