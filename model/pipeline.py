@@ -139,15 +139,18 @@ class StableDiffusion:
 
         return cls(load(path, device=device, dtype=dtype, tokenizer=tokenizer), name=Path(path).stem or "model")
 
-    def optimize(self, *, channels_last: bool = False, compile: bool = False) -> "StableDiffusion":
-        """Turn on speed levers (model/speed.py; measured in docs/performance.md). Outputs stay within the
-        parity tolerances and the state_dicts keep their keys. compile: torch.compile the UNet, in place;
-        each new batch size or image size pays for a compilation on its first call (minutes on a CPU), and on
-        a CPU the weights are frozen into each compiled graph (a second copy; they must not change afterwards)."""
+    def optimize(self, *, prepack: bool = True, channels_last: bool = False, compile: bool = False) -> "StableDiffusion":
+        """Turn on speed levers (model/speed.py; measured in docs/performance.md), for inference: outputs stay
+        within the parity tolerances and the state_dicts keep their keys. With no arguments, the ones that pay
+        on every device: prepack (the UNet's and VAE's k x k convolutions keep their weights in oneDNN's layout;
+        CPU float32 only, a no-op elsewhere; call .optimize() after moving or casting the model).
+        compile: torch.compile the UNet, in place, instead of prepacking it; each new batch size or image size
+        pays for a compilation on its first call (minutes on a CPU), and on a CPU the weights are frozen into
+        each compiled graph (a second copy; they must not change afterwards)."""
         from .speed import optimize_unet, optimize_vae
 
-        optimize_unet(self.unet, channels_last=channels_last, compile=compile)
-        optimize_vae(self.vae, channels_last=channels_last)
+        optimize_unet(self.unet, prepack=prepack, channels_last=channels_last, compile=compile)
+        optimize_vae(self.vae, prepack=prepack, channels_last=channels_last)
         return self
 
     @property

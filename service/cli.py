@@ -186,7 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{args.steps} {args.sampler} steps, seed = prompt index")
     report = {"ground_truth": ground_truth(specs)}
     print(format_scores("data set images (classifier on ground truth):", report["ground_truth"]))
-    pipe = StableDiffusion.from_pretrained(args.weights or default_weights())
+    pipe = StableDiffusion.from_pretrained(args.weights or default_weights()).optimize()
     for g in args.guidance:
         images = generate(pipe, specs, guidance_scale=g, steps=args.steps, sampler=args.sampler)
         report[f"guidance {g:g}"] = score_split(images, specs)
@@ -289,7 +289,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"sd {args.command}: --input-image is required for {mode}", file=sys.stderr)
         return 2
     seed = args.seed if args.seed is not None and args.seed >= 0 else random.randrange(2**32)
-    pipe = StableDiffusion.from_pretrained(args.weights or default_weights(), device=args.device, dtype=_dtype(args.dtype))
+    pipe = StableDiffusion.from_pretrained(args.weights or default_weights(), device=args.device,
+                                           dtype=_dtype(args.dtype)).optimize()
     progress = StepBar({"text-to-image": "txt2img", "image-to-image": "img2img"}.get(mode, mode),
                        enabled=sys.stderr.isatty() and not args.quiet)
     common = dict(

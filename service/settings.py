@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
+LEVERS = ("prepack", "compile", "channels_last")   # StableDiffusion.optimize's keyword arguments
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
@@ -27,7 +28,8 @@ class Settings:
     key_prefix: str = "sd"                # Redis keys are "{key_prefix}:..." (several services can share a Redis)
     device: str = "auto"                  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"                   # "auto" (fp16 on cuda, fp32 on cpu), "fp32", "fp16", "bf16"
-    optimize: str = "none"                # speed levers (model/speed.py): "none", "compile", "channels_last", "channels_last,compile"
+    optimize: str = "auto"                # speed levers (model/speed.py): "auto" (pipe.optimize()'s defaults), "none",
+                                          # or a comma list of prepack, compile, channels_last
     max_batch: int = 8                    # images per pipeline call (a bigger single job still runs, alone)
     batch_window: float = 0.01            # seconds a worker waits for more jobs once it has one
     queue_limit: int = 64                 # queued + running jobs; beyond it new jobs get 429
@@ -53,9 +55,21 @@ class Settings:
             raise ValueError(f"batch_window must be >= 0, got {self.batch_window!r}")
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
             raise ValueError(f"dtype must be one of auto, fp32, fp16, bf16, got {self.dtype!r}")
-        levers = [v.strip() for v in self.optimize.split(",") if v.strip()]
-        if self.optimize.strip() != "none" and not (levers and set(levers) <= {"compile", "channels_last"}):
-            raise ValueError(f"optimize must be none, compile, channels_last or channels_last,compile, got {self.optimize!r}")
+        if self.levers() is None:
+            raise ValueError(f"optimize must be auto, none, or a comma list of {', '.join(LEVERS)}, "
+                             f"got {self.optimize!r}")
+
+    def levers(self) -> dict[str, bool] | None:
+        """The optimize setting as pipe.optimize's keyword arguments ({} for auto: its defaults); None if invalid."""
+        value = self.optimize.strip()
+        if value == "auto":
+            return {}
+        names = [v.strip() for v in value.split(",")]
+        if value == "none":
+            names = []
+        elif not set(names) <= set(LEVERS) or len(set(names)) != len(names):
+            return None
+        return {lever: lever in names for lever in LEVERS}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -128,8 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, http: bool) -> None:
         p("--max-upload-bytes", type=int, help="largest request body (default 10 MiB)")
     p("--device", help="auto, cpu, cuda, cuda:N (env SD_DEVICE; default auto)")
     p("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="(env SD_DTYPE; default auto: fp16 on cuda)")
-    p("--optimize", metavar="LEVERS", help="speed levers: none, compile, channels_last or channels_last,compile "
-      "(env SD_OPTIMIZE; default none). compile: each new batch/image size compiles on first use (minutes on a CPU)")
+    p("--optimize", metavar="LEVERS", help="speed levers: auto, none, or a comma list of prepack, compile, "
+      "channels_last (env SD_OPTIMIZE; default auto: prepack, which pays on CPU). compile: each new batch/image "
+      "size compiles on first use (minutes on a CPU)")
     p("--max-batch", type=int, help="images per pipeline call (default 8)")
     p("--batch-window", type=float, help="seconds to wait for more jobs once one arrived (default 0.01)")
     p("--result-ttl", type=int, help="seconds jobs and results are kept (default 3600)")

@@ -51,8 +51,7 @@ def load_pipeline(settings):
     device = settings.torch_device()
     log.info("loading %s on %s", settings.weights, device)
     pipe = StableDiffusion.from_pretrained(settings.weights, device=device, dtype=settings.torch_dtype(device))
-    levers = {v.strip() for v in settings.optimize.split(",")}
-    return pipe.optimize(channels_last="channels_last" in levers, compile="compile" in levers)
+    return pipe.optimize(**settings.levers())
 
 
 def group_key(job) -> tuple:
