@@ -1,7 +1,7 @@
 """Where the time goes: torch.profiler (CPU) split of one SD 1.5-size UNet step, or of a whole txt2img with
 the default small model, into UNet convs, attention, GroupNorm, ..., VAE decode, text encoder, Python overhead.
 
-    .venv/bin/python bench/profile_split.py unet [--size 32] [--impl ours|diffusers] [--channels-last]
+    .venv/bin/python bench/profile_split.py unet [--size 32] [--impl ours|diffusers] [--prepack] [--channels-last]
     .venv/bin/python bench/profile_split.py default [--weights weights/] [--steps 20]
 
 Op categories come from the aten ops' self CPU time; "Python / framework overhead" is the wall time the ops do
@@ -44,7 +44,7 @@ def split(prof, wall_s):
     """{category: seconds} from the profile's leaf ops (self time), plus the unaccounted wall time."""
     out = {}
     for evt in prof.key_averages():
-        if evt.self_cpu_time_total <= 0 or not evt.key.startswith("aten::"):
+        if evt.self_cpu_time_total <= 0 or not evt.key.startswith(("aten::", "mkldnn::")):
             continue
         cat = category(evt.key)
         out[cat] = out.get(cat, 0.0) + evt.self_cpu_time_total / 1e6
@@ -82,7 +82,7 @@ def wrap(obj, attr, label):
 def profile_unet(args):
     from unet_step import build_pair, inputs
 
-    ref, ours = build_pair(channels_last=args.channels_last, want_ref=args.impl == "diffusers")
+    ref, ours = build_pair(channels_last=args.channels_last, want_ref=args.impl == "diffusers", prepack=args.prepack)
     x, t, ctx = inputs(args.size, channels_last=args.channels_last and args.impl == "ours")
     step = (lambda: ref(x, t, encoder_hidden_states=ctx).sample) if args.impl == "diffusers" else (lambda: ours(x, t, ctx))
     with torch.inference_mode():
@@ -92,7 +92,8 @@ def profile_unet(args):
             step()
             wall = time.perf_counter() - start
     print_table(f"SD 1.5 UNet, {args.impl}, one step, batch 2, {args.size}x{args.size} latents, fp32 CPU, "
-                f"{torch.get_num_threads()} threads{', channels_last' if args.channels_last else ''}",
+                f"{torch.get_num_threads()} threads{', channels_last' if args.channels_last else ''}"
+                f"{', prepacked convolutions' if args.prepack else ''}",
                 split(prof, wall), wall)
 
 
@@ -100,7 +101,7 @@ def profile_default(args):
     from model import StableDiffusion
     from service.cli import default_weights
 
-    pipe = StableDiffusion.from_pretrained(args.weights or default_weights())
+    pipe = StableDiffusion.from_pretrained(args.weights or default_weights()).optimize(prepack=args.prepack)
     prompt = "a large red circle in the center on a blue background"
     pipe.txt2img(prompt, steps=args.steps)  # warm-up
     pipe._text_cache.clear()                # so the profiled run encodes its prompts, as a first request does
@@ -123,6 +124,8 @@ def main():
     ap.add_argument("target", choices=["unet", "default"])
     ap.add_argument("--size", type=int, default=32, help="latent side for `unet`")
     ap.add_argument("--impl", choices=["ours", "diffusers"], default="ours")
+    ap.add_argument("--prepack", action="store_true", help="our networks with prepacked convolutions "
+                    "(pipe.optimize()'s default; off here to profile before optimising)")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--steps", type=int, default=20)

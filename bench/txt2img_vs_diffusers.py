@@ -8,7 +8,10 @@ diffusers, ours, ...) so that load on the machine hits both alike. Prints the me
 and their ratio (target <= 0.85), the peak RSS of each (whole process, and the generation alone after the
 peak is reset) and their ratio (target <= 1.0), and the max pixel difference of the two images (<= 2/255).
 
-    .venv/bin/python bench/txt2img_vs_diffusers.py [--rounds 2] [--size 256] [--steps 10] [--channels-last] [--compile]
+    .venv/bin/python bench/txt2img_vs_diffusers.py [--rounds 2] [--size 256] [--steps 10] [--no-prepack] [--channels-last] [--compile]
+
+Ours runs as pipe.optimize() leaves it (prepacked convolutions on CPU) unless --no-prepack; --channels-last and
+--compile add the other levers. Diffusers runs as it comes.
 """
 
 import argparse
@@ -95,7 +98,7 @@ def child(args):
         from model import StableDiffusion
 
         pipe = StableDiffusion.from_pretrained(folder)
-        pipe.optimize(channels_last=args.channels_last, compile=args.compile)
+        pipe.optimize(prepack=not args.no_prepack, channels_last=args.channels_last, compile=args.compile)
 
         def generate(steps=args.steps):
             return pipe.txt2img(PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance_scale=7.5,
@@ -121,7 +124,7 @@ def child(args):
 def run_child(side, folder, out, args):
     cmd = [sys.executable, __file__, "--child", side, "--folder", str(folder), "--out", str(out),
            "--size", str(args.size), "--steps", str(args.steps)]
-    cmd += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
+    cmd += ["--no-prepack"] * args.no_prepack + ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
     subprocess.run(cmd, check=True, cwd=ROOT)
     result = json.loads(out.read_text())
     result["image"] = np.load(out.with_suffix(".npy")).astype(np.int16)
@@ -133,6 +136,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="diffusers/ours child pairs")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--no-prepack", action="store_true", help="ours without prepacked convolutions")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--child", choices=["diffusers", "ours"], help=argparse.SUPPRESS)
@@ -146,7 +150,7 @@ def main():
     load = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load[0]:.2f} {load[1]:.2f} "
           f"{load[2]:.2f}; {args.size}x{args.size}, {args.steps} ddim steps, guidance 7.5, seed {SEED}; "
-          f"levers: channels_last={args.channels_last} compile={args.compile}")
+          f"levers: prepack={not args.no_prepack} channels_last={args.channels_last} compile={args.compile}")
     with tempfile.TemporaryDirectory(prefix="sd15_bench_") as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()

@@ -4,10 +4,11 @@ default attention processor. The two are timed interleaved (A, B, A, B, ...) so 
 both alike; prints the median of each, the ratio (target: here <= 0.85 x diffusers) and the max abs difference
 of their outputs in the same run.
 
-    .venv/bin/python bench/unet_step.py [--sizes 32 64] [--repeats 3] [--channels-last] [--compile]
+    .venv/bin/python bench/unet_step.py [--sizes 32 64] [--repeats 3] [--no-prepack] [--channels-last] [--compile]
     .venv/bin/python bench/unet_step.py --device cuda --dtype fp16 --sizes 64     # on a GPU
 
---channels-last and --compile turn on model.speed's levers for our side only; diffusers runs as it comes.
+Our UNet runs with its default lever (prepacked k x k convolutions, as pipe.optimize() does; --no-prepack:
+without); --channels-last and --compile add model.speed's others. Diffusers runs as it comes.
 """
 
 import argparse
@@ -30,7 +31,7 @@ SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json (as tests/t
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def build_pair(device="cpu", dtype=torch.float32, channels_last=False, compile=False, want_ref=True):
+def build_pair(device="cpu", dtype=torch.float32, channels_last=False, compile=False, want_ref=True, prepack=False):
     """(diffusers UNet or None, our UNet) with identical random weights (diffusers' default init, seed 0)."""
     from diffusers import UNet2DConditionModel
 
@@ -42,7 +43,8 @@ def build_pair(device="cpu", dtype=torch.float32, channels_last=False, compile=F
     with torch.device("meta"):                       # no second random init: the weights come from ref
         ours = UNet(UNetConfig.from_diffusers(dict(ref.config)))
     ours.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, strict=True, assign=True)
-    ours = optimize_unet(ours.eval().to(device, dtype), channels_last=channels_last, compile=compile)
+    ours = optimize_unet(ours.eval().to(device, dtype), prepack=prepack, channels_last=channels_last,
+                         compile=compile)
     if not want_ref:
         return None, ours
     return ref.to(device, dtype), ours
@@ -83,6 +85,7 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    ap.add_argument("--no-prepack", action="store_true", help="our UNet without prepacked convolutions")
     ap.add_argument("--channels-last", action="store_true", help="our UNet in channels_last memory format")
     ap.add_argument("--compile", action="store_true", help="our UNet through torch.compile (inductor)")
     ap.add_argument("--plain", action="store_true",
@@ -91,10 +94,10 @@ def main():
     dtype = DTYPES[args.dtype]
     load = os.getloadavg()
     print(f"torch {torch.__version__}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, levers: channels_last={args.channels_last} "
-          f"compile={args.compile}")
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, levers: prepack={not args.no_prepack} "
+          f"channels_last={args.channels_last} compile={args.compile}")
     start = time.perf_counter()
-    ref, ours = build_pair(args.device, dtype, args.channels_last, args.compile)
+    ref, ours = build_pair(args.device, dtype, args.channels_last, args.compile, prepack=not args.no_prepack)
     plain = build_pair(args.device, dtype, want_ref=False)[1] if args.plain else None
     print(f"built both UNets ({sum(p.numel() for p in ref.parameters()) / 1e6:.1f}M parameters each) "
           f"in {time.perf_counter() - start:.0f} s")
