@@ -8,7 +8,8 @@ diffusers, ours, ...) so that load on the machine hits both alike. Prints the me
 and their ratio (target <= 0.85), the peak RSS of each (whole process, and the generation alone after the
 peak is reset) and their ratio (target <= 1.0), and the max pixel difference of the two images (<= 2/255).
 
-    .venv/bin/python bench/txt2img_vs_diffusers.py [--rounds 2] [--size 256] [--steps 10] [--no-prepack] [--channels-last] [--compile]
+    .venv/bin/python bench/txt2img_vs_diffusers.py [--rounds 2] [--size 256] [--steps 10] [--no-prepack]
+                                                   [--channels-last] [--compile]
 
 Ours runs as pipe.optimize() leaves it (prepacked convolutions on CPU) unless --no-prepack; --channels-last and
 --compile add the other levers. Diffusers runs as it comes.

@@ -139,7 +139,8 @@ class StableDiffusion:
 
         return cls(load(path, device=device, dtype=dtype, tokenizer=tokenizer), name=Path(path).stem or "model")
 
-    def optimize(self, *, prepack: bool = True, channels_last: bool = False, compile: bool = False) -> "StableDiffusion":
+    def optimize(self, *, prepack: bool = True, channels_last: bool = False,
+                 compile: bool = False) -> "StableDiffusion":
         """Turn on speed levers (model/speed.py; measured in docs/performance.md), for inference: outputs stay
         within the parity tolerances and the state_dicts keep their keys. With no arguments, the ones that pay
         on every device: prepack (the UNet's and VAE's k x k convolutions keep their weights in oneDNN's layout;
