@@ -41,7 +41,7 @@ def main():
     from model import StableDiffusion
     from model.pnginfo import png_bytes
 
-    pipe = StableDiffusion.from_pretrained(args.weights)
+    pipe = StableDiffusion.from_pretrained(args.weights).optimize()    # as the worker loads it (SD_OPTIMIZE=auto)
     body = {"prompt": PROMPT, "seed": 1, "steps": args.steps, "guidance_scale": 7.5, "sampler": "ddim"}
 
     step_times = []
