@@ -11,6 +11,7 @@ docs/performance.md has the numbers.
 """
 
 import ctypes
+import functools
 import sys
 
 import torch
@@ -43,7 +44,7 @@ class PrepackedConv2d(nn.Module):
         w = conv.weight
         return (type(conv) is nn.Conv2d and conv.kernel_size != (1, 1) and conv.padding_mode == "zeros"
                 and not isinstance(conv.padding, str) and w.device.type == "cpu" and w.dtype == torch.float32
-                and torch.backends.mkldnn.is_available())
+                and prepacking_works())
 
     def _pack(self, weight: torch.Tensor) -> None:
         # [out, in/groups, kh, kw] plain -> the same logical shape in oneDNN's opaque blocked layout
@@ -95,6 +96,20 @@ class PrepackedConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, prepacked")
+
+
+@functools.cache
+def prepacking_works() -> bool:
+    """Whether this torch build can prepack and run a convolution and get F.conv2d's answer (oneDNN builds for
+    x86 can; a build without oneDNN, or a CPU where the op is missing, cannot, and then nothing is prepacked)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():     # leaves the caller's RNG alone
+            conv, x = nn.Conv2d(3, 4, 3, padding=1), torch.randn(1, 3, 5, 5)
+            return torch.allclose(PrepackedConv2d(conv)(x), conv(x), atol=1e-5)
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def prepack_convs(module: nn.Module) -> nn.Module:

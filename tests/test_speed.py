@@ -145,3 +145,20 @@ def test_optimize_setting_becomes_the_levers_of_pipe_optimize():
     assert Settings(optimize="none").levers() == {"prepack": False, "compile": False, "channels_last": False}
     assert Settings(optimize=" compile, channels_last").levers() == {"prepack": False, "compile": True,
                                                                      "channels_last": True}
+
+
+def test_nothing_is_prepacked_where_torch_has_no_onednn(monkeypatch):
+    """A torch build without oneDNN (or one whose prepacked op fails its probe) keeps plain convolutions."""
+    from model import speed
+
+    speed.prepacking_works.cache_clear()
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+            model = prepack_convs(nn.Sequential(nn.Conv2d(4, 8, 3)))
+        assert kinds_of_convs(model) == {"prepacked": 0, "plain k x k": 1, "plain 1x1": 0}
+    finally:
+        speed.prepacking_works.cache_clear()
+    state = torch.random.get_rng_state()
+    assert speed.prepacking_works()                       # this build: yes, and the probe used no global RNG
+    assert torch.equal(torch.random.get_rng_state(), state)
