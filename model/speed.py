@@ -23,10 +23,9 @@ class PrepackedConv2d(nn.Module):
 
     Eager nn.Conv2d hands oneDNN a plain OIHW weight, which oneDNN reorders into its blocked layout on every
     call. For SD's 1280-channel 3x3 convolutions (59 MB of weights each) on 8x8 and 4x4 latents that reorder
-    costs more than the convolution itself (one call, 2x1280x4x4: 28.7 ms eager, 6.8 ms prepacked). Reordered
+    costs more than the convolution itself (one call, 2x1280x4x4: 23.5 ms eager, 5.5 ms prepacked). Reordered
     once here, and the plain copy is not kept, so the model takes no more memory.
-    1x1 convolutions are left alone: prepacked they ran slower, not faster (torch.profiler, 1280 channels at
-    8x8: 37 ms a call against a few ms plain).
+    1x1 convolutions are left alone: prepacked they ran 17x slower (bench/conv_prepack.py).
 
     Inference only (the oneDNN op has no backward). state_dict() still holds the plain `weight` under the same
     key and load_state_dict() repacks, so checkpoints load and save as before.
