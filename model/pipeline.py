@@ -142,9 +142,9 @@ class StableDiffusion:
     def optimize(self, *, prepack: bool = True, channels_last: bool = False,
                  compile: bool = False) -> "StableDiffusion":
         """Turn on speed levers (model/speed.py; measured in docs/performance.md), for inference: outputs stay
-        within the parity tolerances and the state_dicts keep their keys. With no arguments, the ones that pay
-        on every device: prepack (the UNet's and VAE's k x k convolutions keep their weights in oneDNN's layout;
-        CPU float32 only, a no-op elsewhere; call .optimize() after moving or casting the model).
+        within the parity tolerances and the state_dicts keep their keys. With no arguments, the default lever:
+        prepack (the UNet's and VAE's k x k convolutions keep their weights in oneDNN's layout; it pays on CPU
+        float32 and is a no-op elsewhere; call .optimize() after moving or casting the model).
         compile: torch.compile the UNet, in place, instead of prepacking it; each new batch size or image size
         pays for a compilation on its first call (minutes on a CPU), and on a CPU the weights are frozen into
         each compiled graph (a second copy; they must not change afterwards)."""
