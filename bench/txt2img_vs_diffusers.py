@@ -28,18 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import sd15
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 NEGATIVE = ""
 SEED = 42
-
-SD15_TEXT_ENCODER = dict(  # runwayml/stable-diffusion-v1-5 text_encoder/config.json
-    hidden_act="quick_gelu", hidden_size=768, intermediate_size=3072, layer_norm_eps=1e-05,
-    max_position_embeddings=77, num_attention_heads=12, num_hidden_layers=12, projection_dim=768, vocab_size=49408)
-SD15_VAE = dict(  # runwayml/stable-diffusion-v1-5 vae/config.json
-    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-    in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=512,
-    up_block_types=["UpDecoderBlock2D"] * 4)
 
 
 def save_reference(folder: Path):
@@ -51,15 +45,13 @@ def save_reference(folder: Path):
     sys.path.insert(0, str(ROOT / "tests"))
     from tokenizer_fixtures import make_tokenizer_dir
 
-    from unet_step import SD15_UNET
-
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(make_tokenizer_dir(folder / "tok")))
     torch.manual_seed(0)
     pipe = diffusers.StableDiffusionPipeline(
-        vae=diffusers.AutoencoderKL(**SD15_VAE),
-        text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT_ENCODER)),
+        vae=diffusers.AutoencoderKL(**sd15.VAE),
+        text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**sd15.TEXT_ENCODER)),
         tokenizer=tokenizer,
-        unet=diffusers.UNet2DConditionModel(**SD15_UNET),
+        unet=diffusers.UNet2DConditionModel(**sd15.UNET),
         scheduler=diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                           clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -19,14 +19,7 @@ import time
 
 import torch
 
-SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json (as tests/test_unet.py)
-    act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], center_input_sample=False,
-    cross_attention_dim=768,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
-    mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=64,
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-)
+from model import sd15
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -39,7 +32,7 @@ def build_pair(device="cpu", dtype=torch.float32, channels_last=False, compile=F
     from model.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
-    ref = UNet2DConditionModel(**SD15_UNET).eval()
+    ref = UNet2DConditionModel(**sd15.UNET).eval()
     with torch.device("meta"):                       # no second random init: the weights come from ref
         ours = UNet(UNetConfig.from_diffusers(dict(ref.config)))
     ours.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, strict=True, assign=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from model import sd15
 from model.clip import CLIPTextConfig, CLIPTextModel
 
 TOL = 1e-4  # max abs difference, fp32
@@ -15,13 +16,7 @@ TOL = 1e-4  # max abs difference, fp32
 TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=32)
 
-SD15 = dict(  # runwayml/stable-diffusion-v1-5 text_encoder/config.json
-    architectures=["CLIPTextModel"], attention_dropout=0.0, bos_token_id=0, dropout=0.0, eos_token_id=2,
-    hidden_act="quick_gelu", hidden_size=768, initializer_factor=1.0, initializer_range=0.02,
-    intermediate_size=3072, layer_norm_eps=1e-05, max_position_embeddings=77, model_type="clip_text_model",
-    num_attention_heads=12, num_hidden_layers=12, pad_token_id=1, projection_dim=768, torch_dtype="float32",
-    transformers_version="4.22.0.dev0", vocab_size=49408,
-)
+SD15 = sd15.TEXT_ENCODER
 
 
 def reference(cfg):

@@ -11,6 +11,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.embeddings import get_timestep_embedding
 
+from model import sd15
 from model.unet import UNet, UNetConfig, timestep_embedding
 
 TOL = 1e-4  # max abs difference, fp32
@@ -28,14 +29,7 @@ THREE_LEVELS = dict(  # attention on two of three levels, per-level head counts,
     cross_attention_dim=24, attention_head_dim=(2, 4, 8), norm_num_groups=8,
 )
 
-SD15 = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
-    act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], center_input_sample=False,
-    cross_attention_dim=768,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
-    mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=64,
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-)
+SD15 = sd15.UNET
 
 
 def randomize_(model, seed=0):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as RefAutoencoderKL
 
+from model import sd15
 from model.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 TOL = 1e-4  # max abs difference, fp32
@@ -24,11 +25,7 @@ THREE_LEVELS = dict(  # f = 4, two resnets per encoder level, first level wideni
     norm_num_groups=8, sample_size=32,
 )
 
-SD15 = dict(  # runwayml/stable-diffusion-v1-5 vae/config.json
-    act_fn="silu", block_out_channels=[128, 256, 512, 512],
-    down_block_types=["DownEncoderBlock2D"] * 4, in_channels=3, latent_channels=4, layers_per_block=2,
-    norm_num_groups=32, out_channels=3, sample_size=512, up_block_types=["UpDecoderBlock2D"] * 4,
-)
+SD15 = sd15.VAE
 
 
 def reference(cfg):
