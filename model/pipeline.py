@@ -130,6 +130,7 @@ class StableDiffusion:
         self.schedule = (samplers.Schedule.from_diffusers(components.scheduler_config)
                          if components.scheduler_config else samplers.Schedule.sd15())
         self.name = name
+        self.tuner = None                  # the Tuner of optimize(), once it is called
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # prompt -> [77, D]
 
     @classmethod
@@ -139,19 +140,23 @@ class StableDiffusion:
 
         return cls(load(path, device=device, dtype=dtype, tokenizer=tokenizer), name=Path(path).stem or "model")
 
-    def optimize(self, *, prepack: bool = True, channels_last: bool = False,
-                 compile: bool = False) -> "StableDiffusion":
-        """Turn on speed levers (model/speed.py; measured in docs/performance.md), for inference: outputs stay
-        within the parity tolerances and the state_dicts keep their keys. With no arguments, the default lever:
-        prepack (the UNet's and VAE's k x k convolutions keep their weights in oneDNN's layout; it pays on CPU
-        float32 and is a no-op elsewhere; call .optimize() after moving or casting the model).
-        compile: torch.compile the UNet, in place, instead of prepacking it; each new batch size or image size
+    def optimize(self, *, prepack: bool | str = "auto", channels_last: bool = False, compile: bool = False,
+                 tuner=None) -> "StableDiffusion":
+        """Turn on speed levers (model/speed.py), for inference: outputs stay within the parity tolerances and
+        the state_dicts keep their keys. Call it after moving or casting the model.
+        prepack: "auto" (the default) runs each convolution of the UNet and VAE plain or with its weight
+        prepacked in oneDNN's layout, whichever a Tuner (model/tuning.py) measures faster for that layer and
+        input shape on this machine, on the first call of the shape (CPU float32; a no-op elsewhere);
+        True prepacks every k x k conv without measuring; False leaves them plain.
+        compile: torch.compile the UNet, in place, instead of the above; each new batch size or image size
         pays for a compilation on its first call (minutes on a CPU), and on a CPU the weights are frozen into
         each compiled graph (a second copy; they must not change afterwards)."""
         from .speed import optimize_unet, optimize_vae
+        from .tuning import Tuner
 
-        optimize_unet(self.unet, prepack=prepack, channels_last=channels_last, compile=compile)
-        optimize_vae(self.vae, prepack=prepack, channels_last=channels_last)
+        self.tuner = tuner if tuner is not None else Tuner() if prepack == "auto" else None
+        optimize_unet(self.unet, prepack=prepack, channels_last=channels_last, compile=compile, tuner=self.tuner)
+        optimize_vae(self.vae, prepack=prepack, channels_last=channels_last, tuner=self.tuner)
         return self
 
     @property

@@ -28,8 +28,9 @@ class Settings:
     key_prefix: str = "sd"                # Redis keys are "{key_prefix}:..." (several services can share a Redis)
     device: str = "auto"                  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"                   # "auto" (fp16 on cuda, fp32 on cpu), "fp32", "fp16", "bf16"
-    optimize: str = "auto"                # speed levers (model/speed.py): "auto" (pipe.optimize()'s defaults), "none",
-                                          # or a comma list of prepack, compile, channels_last
+    optimize: str = "auto"                # speed levers (model/speed.py): "auto" (chosen by measurement on this
+                                          # machine: pipe.optimize()'s default), "none", or a comma list of
+                                          # prepack, compile, channels_last (those levers on, unmeasured)
     max_batch: int = 8                    # images per pipeline call (a bigger single job still runs, alone)
     batch_window: float = 0.01            # seconds a worker waits for more jobs once it has one
     queue_limit: int = 64                 # queued + running jobs; beyond it new jobs get 429
@@ -143,8 +144,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, http: bool) -> None:
     p("--device", help="auto, cpu, cuda, cuda:N (env SD_DEVICE; default auto)")
     p("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="(env SD_DTYPE; default auto: fp16 on cuda)")
     p("--optimize", metavar="LEVERS", help="speed levers: auto, none, or a comma list of prepack, compile, "
-      "channels_last (env SD_OPTIMIZE; default auto: prepack, which pays on CPU). compile: each new batch/image "
-      "size compiles on first use (minutes on a CPU)")
+      "channels_last, turned on without measuring (env SD_OPTIMIZE; default auto: each convolution plain or "
+      "prepacked, per layer shape, as measured on this machine; SD_TUNE_CACHE names the file that keeps the "
+      "choices). compile: each new batch/image size compiles on first use (minutes on a CPU)")
     p("--max-batch", type=int, help="images per pipeline call (default 8)")
     p("--batch-window", type=float, help="seconds to wait for more jobs once one arrived (default 0.01)")
     p("--result-ttl", type=int, help="seconds jobs and results are kept (default 3600)")

@@ -36,3 +36,19 @@ def tiny_pipe(tiny_weights):
     from model import StableDiffusion
 
     return StableDiffusion.from_pretrained(tiny_weights)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tuning_cache(tmp_path_factory):
+    """The tuner's choices (model/tuning.py) go to a file of this test session, not the user's ~/.cache;
+    worker processes the tests start inherit it."""
+    import os
+
+    path = tmp_path_factory.mktemp("tuning") / "tuning.json"
+    old = os.environ.get("SD_TUNE_CACHE")
+    os.environ["SD_TUNE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SD_TUNE_CACHE", None)
+    else:
+        os.environ["SD_TUNE_CACHE"] = old
