@@ -1,7 +1,7 @@
 """Speed of the default model on this machine: one 64x64 image in 20 guided steps, and images/s at
 batch 1 and 8.
 
-    .venv/bin/python bench/default_model.py [--weights weights/] [--repeats 10] [--no-prepack] [--compile]
+    .venv/bin/python bench/default_model.py [--weights weights/] [--repeats 10] [--convs auto|prepack|plain] [--compile]
 """
 
 import argparse
@@ -11,6 +11,8 @@ import time
 import torch
 
 from model import Request, StableDiffusion
+from model.speed import CONVS
+from model.tuning import cpu_model
 from service.cli import default_weights
 
 
@@ -29,13 +31,15 @@ def main():
     ap.add_argument("--weights", default=default_weights())
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--no-prepack", action="store_true", help="without prepacked convolutions (on by default)")
+    ap.add_argument("--convs", choices=["auto", "prepack", "plain"], default="auto",
+                    help="auto: plain or prepacked per conv shape, as measured (the default, as served)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (model/speed.py)")
     args = ap.parse_args()
-    pipe = StableDiffusion.from_pretrained(args.weights).optimize(prepack=not args.no_prepack, compile=args.compile)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {pipe.native_size}x{pipe.native_size}, "
+    pipe = StableDiffusion.from_pretrained(args.weights).optimize(prepack=CONVS[args.convs], compile=args.compile)
+    print(f"{cpu_model()}, torch ISA {torch.backends.cpu.get_cpu_capability()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {pipe.native_size}x{pipe.native_size}, "
           f"{args.steps} ddim steps, guidance 7.5, "
-          f"levers: prepack={not args.no_prepack} compile={args.compile}")
+          f"levers: convs={args.convs} compile={args.compile}")
 
     one = timed(lambda: pipe.txt2img("a large red circle in the center on a blue background", steps=args.steps), args.repeats)
     print(f"one image:            {one * 1000:7.1f} ms  (target < 500 ms)")

@@ -1,7 +1,7 @@
 """Where the time goes: torch.profiler (CPU) split of one SD 1.5-size UNet step, or of a whole txt2img with
 the default small model, into UNet convs, attention, GroupNorm, ..., VAE decode, text encoder, Python overhead.
 
-    .venv/bin/python bench/profile_split.py unet [--size 32] [--impl ours|diffusers] [--prepack] [--channels-last]
+    .venv/bin/python bench/profile_split.py unet [--size 32] [--impl ours|diffusers] [--convs plain|auto|prepack] [--channels-last]
     .venv/bin/python bench/profile_split.py default [--weights weights/] [--steps 20]
 
 Op categories come from the aten ops' self CPU time; "Python / framework overhead" is the wall time the ops do
@@ -18,6 +18,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model.speed import CONVS  # noqa: E402
+from model.tuning import cpu_model  # noqa: E402
 
 # first match wins: (category, substrings of aten op names)
 CATEGORIES = [
@@ -82,7 +85,7 @@ def wrap(obj, attr, label):
 def profile_unet(args):
     from unet_step import build_pair, inputs
 
-    ref, ours = build_pair(channels_last=args.channels_last, want_ref=args.impl == "diffusers", prepack=args.prepack)
+    ref, ours = build_pair(channels_last=args.channels_last, want_ref=args.impl == "diffusers", prepack=CONVS[args.convs])
     x, t, ctx = inputs(args.size, channels_last=args.channels_last and args.impl == "ours")
     step = (lambda: ref(x, t, encoder_hidden_states=ctx).sample) if args.impl == "diffusers" else (lambda: ours(x, t, ctx))
     with torch.inference_mode():
@@ -93,7 +96,7 @@ def profile_unet(args):
             wall = time.perf_counter() - start
     print_table(f"SD 1.5 UNet, {args.impl}, one step, batch 2, {args.size}x{args.size} latents, fp32 CPU, "
                 f"{torch.get_num_threads()} threads{', channels_last' if args.channels_last else ''}"
-                f"{', prepacked convolutions' if args.prepack else ''}",
+                f", convs {args.convs}",
                 split(prof, wall), wall)
 
 
@@ -101,7 +104,7 @@ def profile_default(args):
     from model import StableDiffusion
     from service.cli import default_weights
 
-    pipe = StableDiffusion.from_pretrained(args.weights or default_weights()).optimize(prepack=args.prepack)
+    pipe = StableDiffusion.from_pretrained(args.weights or default_weights()).optimize(prepack=CONVS[args.convs])
     prompt = "a large red circle in the center on a blue background"
     pipe.txt2img(prompt, steps=args.steps)  # warm-up
     pipe._text_cache.clear()                # so the profiled run encodes its prompts, as a first request does
@@ -124,13 +127,15 @@ def main():
     ap.add_argument("target", choices=["unet", "default"])
     ap.add_argument("--size", type=int, default=32, help="latent side for `unet`")
     ap.add_argument("--impl", choices=["ours", "diffusers"], default="ours")
-    ap.add_argument("--prepack", action="store_true", help="our networks with prepacked convolutions "
-                    "(pipe.optimize()'s default; off here to profile before optimising)")
+    ap.add_argument("--convs", choices=["plain", "auto", "prepack"], default="plain",
+                    help="our networks' convs: plain (the default here, to profile before optimising), auto (as "
+                    "served: plain or prepacked per shape, as measured), prepack")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{cpu_model()}, torch ISA {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
     (profile_unet if args.target == "unet" else profile_default)(args)
 
 

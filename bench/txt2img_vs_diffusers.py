@@ -8,10 +8,10 @@ diffusers, ours, ...) so that load on the machine hits both alike. Prints the me
 and their ratio (target <= 0.85), the peak RSS of each (whole process, and the generation alone after the
 peak is reset) and their ratio (target <= 1.0), and the max pixel difference of the two images (<= 2/255).
 
-    .venv/bin/python bench/txt2img_vs_diffusers.py [--rounds 2] [--size 256] [--steps 10] [--no-prepack]
+    .venv/bin/python bench/txt2img_vs_diffusers.py [--rounds 2] [--size 256] [--steps 10] [--convs auto|prepack|plain]
                                                    [--channels-last] [--compile]
 
-Ours runs as pipe.optimize() leaves it (prepacked convolutions on CPU) unless --no-prepack; --channels-last and
+Ours runs as pipe.optimize() leaves it (each conv plain or prepacked per shape, as measured here) unless --convs; --channels-last and
 --compile add the other levers. Diffusers runs as it comes.
 """
 
@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from model import sd15
+from model.speed import CONVS
+from model.tuning import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
@@ -36,9 +38,10 @@ NEGATIVE = ""
 SEED = 42
 
 
-def save_reference(folder: Path):
+def save_reference(folder: Path, width: float = 1.0):
     """A random SD 1.5-architecture StableDiffusionPipeline (diffusers' default init) saved as diffusers saves it.
-    The tokenizer is the tests' small BPE one (1000 tokens); the text encoder keeps CLIP's 49408-row embedding."""
+    The tokenizer is the tests' small BPE one (1000 tokens); the text encoder keeps CLIP's 49408-row embedding.
+    width scales the UNet's channels (0.5: the half-width layout, 160-320-640-640)."""
     import diffusers
     import transformers
 
@@ -51,7 +54,8 @@ def save_reference(folder: Path):
         vae=diffusers.AutoencoderKL(**sd15.VAE),
         text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**sd15.TEXT_ENCODER)),
         tokenizer=tokenizer,
-        unet=diffusers.UNet2DConditionModel(**sd15.UNET),
+        unet=diffusers.UNet2DConditionModel(**dict(
+            sd15.UNET, block_out_channels=[int(c * width) for c in sd15.UNET["block_out_channels"]])),
         scheduler=diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                           clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -91,7 +95,7 @@ def child(args):
         from model import StableDiffusion
 
         pipe = StableDiffusion.from_pretrained(folder)
-        pipe.optimize(prepack=not args.no_prepack, channels_last=args.channels_last, compile=args.compile)
+        pipe.optimize(prepack=CONVS[args.convs], channels_last=args.channels_last, compile=args.compile)
 
         def generate(steps=args.steps):
             return pipe.txt2img(PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance_scale=7.5,
@@ -117,7 +121,7 @@ def child(args):
 def run_child(side, folder, out, args):
     cmd = [sys.executable, __file__, "--child", side, "--folder", str(folder), "--out", str(out),
            "--size", str(args.size), "--steps", str(args.steps)]
-    cmd += ["--no-prepack"] * args.no_prepack + ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
+    cmd += ["--convs", args.convs, "--width", str(args.width)] + ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
     subprocess.run(cmd, check=True, cwd=ROOT)
     result = json.loads(out.read_text())
     result["image"] = np.load(out.with_suffix(".npy")).astype(np.int16)
@@ -129,7 +133,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="diffusers/ours child pairs")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--no-prepack", action="store_true", help="ours without prepacked convolutions")
+    ap.add_argument("--convs", choices=["auto", "prepack", "plain"], default="auto",
+                    help="ours: auto (plain or prepacked per conv shape, as measured; as served), prepack, plain")
+    ap.add_argument("--width", type=float, default=1.0, help="UNet channels x this (0.5: the half-width layout)")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--child", choices=["diffusers", "ours"], help=argparse.SUPPRESS)
@@ -141,13 +147,14 @@ def main():
         return child(args)
 
     load = os.getloadavg()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load[0]:.2f} {load[1]:.2f} "
+    print(f"{cpu_model()}, torch ISA {torch.backends.cpu.get_cpu_capability()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load[0]:.2f} {load[1]:.2f} "
           f"{load[2]:.2f}; {args.size}x{args.size}, {args.steps} ddim steps, guidance 7.5, seed {SEED}; "
-          f"levers: prepack={not args.no_prepack} channels_last={args.channels_last} compile={args.compile}")
+          f"UNet width x{args.width}; levers: convs={args.convs} channels_last={args.channels_last} compile={args.compile}")
     with tempfile.TemporaryDirectory(prefix="sd15_bench_") as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()
-        folder = save_reference(tmp)
+        folder = save_reference(tmp, args.width)
         print(f"saved a random SD 1.5-architecture diffusers pipeline in {time.perf_counter() - start:.0f} s")
         results = {"diffusers": [], "ours": []}
         for r in range(args.rounds):

@@ -4,11 +4,12 @@ default attention processor. The two are timed interleaved (A, B, A, B, ...) so 
 both alike; prints the median of each, the ratio (target: here <= 0.85 x diffusers) and the max abs difference
 of their outputs in the same run.
 
-    .venv/bin/python bench/unet_step.py [--sizes 32 64] [--repeats 3] [--no-prepack] [--channels-last] [--compile]
+    .venv/bin/python bench/unet_step.py [--sizes 32 64] [--repeats 3] [--convs auto|prepack|plain] [--channels-last] [--compile]
     .venv/bin/python bench/unet_step.py --device cuda --dtype fp16 --sizes 64     # on a GPU
 
-Our UNet runs with its default lever (prepacked k x k convolutions, as pipe.optimize() does; --no-prepack:
-without); --channels-last and --compile add model.speed's others. Diffusers runs as it comes.
+Our UNet runs as pipe.optimize() leaves it (each conv plain or prepacked per shape, as a Tuner measures here;
+--convs plain or prepack to force one); --channels-last and --compile add model.speed's others. Diffusers runs
+as it comes.
 """
 
 import argparse
@@ -20,6 +21,8 @@ import time
 import torch
 
 from model import sd15
+from model.speed import CONVS
+from model.tuning import cpu_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -78,7 +81,8 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    ap.add_argument("--no-prepack", action="store_true", help="our UNet without prepacked convolutions")
+    ap.add_argument("--convs", choices=["auto", "prepack", "plain"], default="auto",
+                    help="our UNet's convs: auto (plain or prepacked per shape, as measured; as served), prepack, plain")
     ap.add_argument("--channels-last", action="store_true", help="our UNet in channels_last memory format")
     ap.add_argument("--compile", action="store_true", help="our UNet through torch.compile (inductor)")
     ap.add_argument("--plain", action="store_true",
@@ -86,11 +90,12 @@ def main():
     args = ap.parse_args()
     dtype = DTYPES[args.dtype]
     load = os.getloadavg()
-    print(f"torch {torch.__version__}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, levers: prepack={not args.no_prepack} "
+    print(f"{cpu_model()}, torch ISA {torch.backends.cpu.get_cpu_capability()}, "
+          f"torch {torch.__version__}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, levers: convs={args.convs} "
           f"channels_last={args.channels_last} compile={args.compile}")
     start = time.perf_counter()
-    ref, ours = build_pair(args.device, dtype, args.channels_last, args.compile, prepack=not args.no_prepack)
+    ref, ours = build_pair(args.device, dtype, args.channels_last, args.compile, prepack=CONVS[args.convs])
     plain = build_pair(args.device, dtype, want_ref=False)[1] if args.plain else None
     print(f"built both UNets ({sum(p.numel() for p in ref.parameters()) / 1e6:.1f}M parameters each) "
           f"in {time.perf_counter() - start:.0f} s")

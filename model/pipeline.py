@@ -159,6 +159,12 @@ class StableDiffusion:
         optimize_vae(self.vae, prepack=prepack, channels_last=channels_last, tuner=self.tuner)
         return self
 
+    def warm_up(self) -> None:
+        """One guided 1-step txt2img at the native size, so that the first request does not pay what a first
+        call costs: optimize()'s tuner measures the shapes of a one-image batch, oneDNN creates its primitives,
+        the weights' pages are touched. Other shapes (bigger batches, other sizes) are measured when they come."""
+        self.txt2img("", steps=1)
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device

@@ -23,6 +23,10 @@ import torch.nn.functional as F
 from .tuning import Fixed, Tuner
 
 
+# optimize(prepack=...) by name, as the benchmarks' --convs takes it
+CONVS = {"auto": "auto", "prepack": True, "plain": False}
+
+
 class TunedConv2d(nn.Module):
     """An nn.Conv2d for CPU float32 inference that runs each input shape the faster of two ways:
 
