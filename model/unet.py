@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.attention import SpatialTransformer
+from model.layers import norm_silu
 
 # -----------------------------------------------------------------------------
 # config
@@ -195,12 +196,12 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x, temb):
         # x: [B, in_ch, H, W], temb: [B, temb_dim] -> [B, out_ch, H, W]
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(norm_silu(self.norm1, x))
+        h += self.time_emb_proj(F.silu(temb))[:, :, None, None]     # in place: h is the conv's fresh output
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return x + h
+        return h.add_(x)
 
 
 class Downsample(nn.Module):
@@ -359,5 +360,5 @@ class UNet(nn.Module):
             size = skips[-1].shape[-2:] if skips else None             # resolution of the next level up
             x = block(x, block_skips, temb, context, size)
 
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))                # [B, out_channels, H, W]
+        x = self.conv_out(norm_silu(self.conv_norm_out, x))             # [B, out_channels, H, W]
         return x

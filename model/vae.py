@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import norm_silu
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -146,11 +148,11 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x):
         # x: [B, in_ch, H, W] -> [B, out_ch, H, W]
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return x + h
+        return h.add_(x)      # in place: the conv's output is ours, and its backward does not need it
 
 
 class AttnBlock(nn.Module):
@@ -265,7 +267,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(norm_silu(self.conv_norm_out, x))
 
 
 class Decoder(nn.Module):
@@ -287,7 +289,7 @@ class Decoder(nn.Module):
         x = self.mid_block(x)
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(norm_silu(self.conv_norm_out, x))
 
 
 class AutoencoderKL(nn.Module):

@@ -73,6 +73,17 @@ def test_a_candidate_that_fails_its_probe_falls_back_to_plain():
     # round-off only (1e-6 relative): kept
     assert t.run("close", {"plain": candidate(clock, 0.01, value=2.0),
                            "prepacked": candidate(clock, 0.001, value=2.0 + 2e-6)})[0] == "prepacked"
+    # wrong in the last column of a 4-d output only (a border bug): still caught
+    ref = torch.randn(2, 3, 200, 131)
+    bad = ref.clone()
+    bad[..., -1] += 1
+    def timed(seconds, value):
+        def run():
+            clock.now += seconds
+            return value.clone()
+        return run
+    assert t.run("border", {"plain": timed(0.01, ref), "prepacked": timed(0.001, bad)})[0] == "plain"
+    assert t.run("border ok", {"plain": timed(0.01, ref), "prepacked": timed(0.001, ref)})[0] == "prepacked"
     with pytest.raises(RuntimeError, match="no such primitive"):      # the reference itself must work
         t.run("broken", {"plain": candidate(clock, 0.01, fail=True), "prepacked": candidate(clock, 0.001)})
 
@@ -83,7 +94,7 @@ def test_a_hopeless_candidate_is_timed_once():
     t.run("k", {"plain": candidate(clock, 0.001, calls=calls, name="plain"),
                 "prepacked": candidate(clock, 0.050, calls=calls, name="prepacked")})
     assert calls["prepacked"] == 2          # the warm-up and one timed call, 50x the best: no more
-    assert calls["plain"] == 6              # cheap: a warm-up and `repeats` timed calls
+    assert calls["plain"] == 7              # cheap: a warm-up, `repeats` timed calls, then once for the output
 
 
 def test_measuring_stops_at_its_budget_and_later_shapes_run_plain_unmeasured():
