@@ -12,15 +12,13 @@ What each lever did on the machines measured is in docs/performance.md (bench/un
 bench/txt2img_vs_diffusers.py).
 """
 
-import ctypes
 import functools
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .tuning import Fixed, Tuner
+from .tuning import Fixed, Tuner, release_freed_memory
 
 
 # optimize(prepack=...) by name, as the benchmarks' --convs takes it
@@ -52,8 +50,9 @@ class TunedConv2d(nn.Module):
         self._plain: torch.Tensor | None = conv.weight.detach()
         self._packed = None
         self._used: dict[tuple, str] = {}          # (input shape, layout) -> the form it runs with
-        self._signature = (f"conv2d {self.in_channels}->{self.out_channels} k{'x'.join(map(str, self.kernel_size))} "
-                           f"s{self.stride[0]} p{self.padding[0]} d{self.dilation[0]} g{self.groups} "
+        sides = lambda pair: "x".join(map(str, pair))  # noqa: E731
+        self._signature = (f"conv2d {self.in_channels}->{self.out_channels} k{sides(self.kernel_size)} "
+                           f"s{sides(self.stride)} p{sides(self.padding)} d{sides(self.dilation)} g{self.groups} "
                            f"bias{int(self.bias is not None)}")
         self._keep({tuner.initial})
 
@@ -188,24 +187,13 @@ def tune_convs(module: nn.Module, tuner=None) -> nn.Module:
                  and not (fixed and c.kernel_size == (1, 1))]
         for name in names:
             setattr(parent, name, TunedConv2d(getattr(parent, name), tuner))
-    _return_freed_memory()
+    release_freed_memory()     # the plain weights of prepacked convs went back to malloc's heap, not the system
     return module
 
 
 def prepack_convs(module: nn.Module) -> nn.Module:
     """Every k x k conv prepacked, whatever it measures (the lever named by hand: `--optimize prepack`)."""
     return tune_convs(module, Fixed("prepacked"))
-
-
-def _return_freed_memory() -> None:
-    # The plain weights just freed are mostly below glibc's mmap threshold, so they went back to malloc's heap,
-    # not to the system: without a trim the process keeps about 6% more resident memory (SD 1.5 pipeline:
-    # 4773 vs 4484 MiB).
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):   # not glibc (musl, ...): nothing to trim with
-            pass
 
 
 def _channels_last(module: nn.Module) -> nn.Module:
