@@ -1,7 +1,8 @@
 """What the measured levers choose on this machine, what measuring costs, and what the choice buys against
 plain eager, side by side in one run.
 
-    .venv/bin/python bench/tuning.py [--layouts default sd15-half sd15] [--sizes 32] [--repeats 5]
+    .venv/bin/python bench/tuning.py [--layouts default sd15-half sd15] [--sizes 32] [--repeats 5] [--shapes]
+                                     [--prepack]
 
 For each layout: the default model (one 64x64 image in 20 guided ddim steps) and the SD 1.5 UNet at full and half
 width (random weights; one guided step, batch 2, on 32x32 latents = 256x256 images by default). Each is built
@@ -11,7 +12,7 @@ interleaved (plain, tuned, plain, tuned, ...). Prints:
 - per shape: the candidates' times as the tuner measured them, and its choice (--shapes to list them all);
 - the seconds spent measuring (the first call of each new shape), against the budget;
 - median times and the ratio tuned / plain (the default must never be slower: target <= 1.05), and the largest
-  output difference.
+  output difference; with --prepack, the UNets with every k x k conv prepacked too (the default before).
 """
 
 import argparse
@@ -27,22 +28,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import StableDiffusion, sd15  # noqa: E402
-from model.speed import tune_convs  # noqa: E402
+from model.speed import prepack_convs, tune_convs  # noqa: E402
 from model.tuning import Tuner, cpu_model  # noqa: E402
 from model.unet import UNet, UNetConfig  # noqa: E402
 
 
-def unet_pair(width: float):
-    """(plain, tuned) SD 1.5-layout UNets with the same random weights; width scales every level's channels."""
+def unet_copies(width: float, prepacked: bool = False):
+    """(plain, tuned, tuner, prepacked or None): SD 1.5-layout UNets with the same random weights; width scales
+    every level's channels; prepacked (every k x k conv, unmeasured: the old default) only if asked for."""
     config = dict(sd15.UNET, block_out_channels=[int(c * width) for c in sd15.UNET["block_out_channels"]])
     torch.manual_seed(0)
     plain = UNet(UNetConfig.from_diffusers(config)).eval()
-    with torch.device("meta"):
-        tuned = UNet(UNetConfig.from_diffusers(config))
-    tuned.load_state_dict({k: v.clone() for k, v in plain.state_dict().items()}, assign=True)
+
+    def copy():
+        with torch.device("meta"):
+            other = UNet(UNetConfig.from_diffusers(config))
+        other.load_state_dict({k: v.clone() for k, v in plain.state_dict().items()}, assign=True)
+        return other.eval()
+
     tuner = Tuner(cache=None)
-    tune_convs(tuned.eval(), tuner)
-    return plain, tuned, tuner
+    tuned = tune_convs(copy(), tuner)
+    return plain, tuned, tuner, prepack_convs(copy()) if prepacked else None
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
@@ -56,6 +62,7 @@ def interleaved(fns: dict, repeats: int) -> dict:
 
 
 def report(label, tuner, first_call_s, times, diff, show_shapes):
+    """times: median seconds of "plain", "tuned" and optionally "prepack"."""
     choices = list(tuner.choices.values())
     print(f"\n## {label}\n")
     print(f"shapes measured: {len(tuner.timings)} ({choices.count('prepacked')} prepacked, "
@@ -70,6 +77,9 @@ def report(label, tuner, first_call_s, times, diff, show_shapes):
     print(f"\nplain {times['plain'] * 1e3:.1f} ms, tuned {times['tuned'] * 1e3:.1f} ms (medians, interleaved): "
           f"ratio {ratio:.3f} (target <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'}); max output difference "
           f"{diff:.2e}")
+    if "prepack" in times:
+        print(f"every k x k conv prepacked (unmeasured, the default before): {times['prepack'] * 1e3:.1f} ms; tuned / "
+              f"prepacked {times['tuned'] / times['prepack']:.3f}")
 
 
 def bench_default(args):
@@ -90,7 +100,7 @@ def bench_default(args):
 
 
 def bench_unet(args, width, label):
-    plain, tuned, tuner = unet_pair(width)
+    plain, tuned, tuner, packed = unet_copies(width, prepacked=args.prepack)
     for size in args.sizes:
         g = torch.Generator().manual_seed(1)
         x = torch.randn(2, 4, size, size, generator=g)
@@ -101,7 +111,11 @@ def bench_unet(args, width, label):
             b = tuned(x, t, ctx)
             first = time.perf_counter() - start
             a = plain(x, t, ctx)
-            times = interleaved({"plain": lambda: plain(x, t, ctx), "tuned": lambda: tuned(x, t, ctx)}, args.repeats)
+            fns = {"plain": lambda: plain(x, t, ctx), "tuned": lambda: tuned(x, t, ctx)}
+            if packed is not None:
+                packed(x, t, ctx)
+                fns["prepack"] = lambda: packed(x, t, ctx)
+            times = interleaved(fns, args.repeats)
         report(f"{label}: one UNet step, batch 2, {size}x{size} latents ({size * 8}x{size * 8} images)", tuner,
                first, times, (a - b).abs().max().item(), args.shapes)
 
@@ -113,6 +127,7 @@ def main():
     ap.add_argument("--sizes", nargs="+", type=int, default=[32], help="UNet latent sides")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--shapes", action="store_true", help="list every measured shape and its times")
+    ap.add_argument("--prepack", action="store_true", help="UNets: also time every k x k conv prepacked, unmeasured")
     args = ap.parse_args()
     print(f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores, torch ISA "
           f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -20,8 +20,9 @@ The rules:
   held while another candidate runs, so measuring takes no more memory than running.
 - Bounded: at most `budget_s` seconds of measuring per tuner; once it is spent, new shapes run the reference,
   unmeasured (a later process, reading the cache, measures them). Each candidate is called once to warm up
-  (oneDNN creates its primitive, a weight is packed) and then timed up to `repeats` times, fewer once
-  `min_time_s` is reached or when its first timed call takes `give_up` times the best so far.
+  (oneDNN creates its primitive, a weight is packed), then all are timed in up to `repeats` interleaved
+  rounds, fewer once each has run `min_time_s`; one whose first timed call takes `give_up` times the best
+  is not timed further.
 - Decisions are kept in a small JSON file (`cache`, default `~/.cache/sd-from-scratch/tuning.json`, or the
   SD_TUNE_CACHE variable; "off" for none) under the machine's name (CPU model, ISA, torch version, threads),
   so a restarted worker does not measure again, and a file carried to another machine is not believed there.
@@ -104,12 +105,12 @@ class Tuner:
         return name, out
 
     def _measure(self, key, candidates):
-        # No output is kept while the others run (only a sample of the reference's, to probe the others with),
-        # so measuring a layer takes no more memory than running it; the winner runs once more at the end to
-        # give its output. Measured first: the VAE's 256-channel 256x256 convs, holding two outputs, raised a
-        # process's peak by 8%.
+        # Each candidate is called once to warm up and be probed, then they are timed in rounds, one call of
+        # each a round (A, B, A, B, ...), so that what the machine does meanwhile hits them alike. No output is
+        # kept while another candidate runs (only a sample of the reference's, to probe the others with), so
+        # measuring a layer takes no more memory than running it; the winner runs once more to give its output.
         ref_name = next(iter(candidates))
-        probe, times_of = None, {}
+        probe, timed = None, []
         for name, fn in candidates.items():
             try:
                 out = fn()                       # warm-up: primitives created, weights packed, pages touched
@@ -123,17 +124,20 @@ class Tuner:
             elif not _same(_sample(out), probe):
                 log.warning("%s: %s gives another answer than %s, dropped", key, name, ref_name)
                 continue
-            best_so_far = min(times_of.values(), default=float("inf"))
-            times = []
-            while len(times) < self.repeats and (not times or sum(times) < self.min_time_s):
-                out = None                       # freed before the next call allocates its own
-                t0 = self.clock()
-                out = fn()
-                times.append(self.clock() - t0)
-                if times[0] > self.give_up * best_so_far:
-                    break                         # hopeless: not worth timing further
-            times_of[name] = min(times)
             out = None
+            timed.append(name)
+        times = {name: [] for name in timed}
+        for round_ in range(self.repeats):
+            for name in timed:
+                t0 = self.clock()
+                candidates[name]()                # its output is freed at once
+                times[name].append(self.clock() - t0)
+            if round_ == 0:                       # hopeless ones are not timed any further
+                best = min(t[0] for t in times.values())
+                timed = [n for n in timed if n == ref_name or times[n][0] <= self.give_up * best]
+            if min(sum(times[n]) for n in timed) >= self.min_time_s:
+                break
+        times_of = {name: min(t) for name, t in times.items()}
         self.timings[key] = times_of
         log.debug("%s: %s", key, ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times_of.items()))
         others = [n for n in times_of if n != ref_name]
