@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -130,18 +131,20 @@ class StableDiffusion:
         self.schedule = (samplers.Schedule.from_diffusers(components.scheduler_config)
                          if components.scheduler_config else samplers.Schedule.sd15())
         self.name = name
+        self.source: Path | None = None    # the weights it was loaded from (compiled packages live beside them)
         self.tuner = None                  # the Tuner of optimize(), once it is called
+        self.compiled = None               # optimize()'s CompiledUNet, when packages for this machine exist
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # prompt -> [77, D]
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, tokenizer=None) -> "StableDiffusion":
         """Load a native folder, a diffusers-layout folder or one original .safetensors/.ckpt file."""
-        from pathlib import Path
-
-        return cls(load(path, device=device, dtype=dtype, tokenizer=tokenizer), name=Path(path).stem or "model")
+        pipe = cls(load(path, device=device, dtype=dtype, tokenizer=tokenizer), name=Path(path).stem or "model")
+        pipe.source = Path(path)
+        return pipe
 
     def optimize(self, *, prepack: bool | str = "auto", channels_last: bool = False, compile: bool = False,
-                 tuner=None) -> "StableDiffusion":
+                 aot: bool = True, tuner=None) -> "StableDiffusion":
         """Turn on speed levers (model/speed.py), for inference: outputs stay within the parity tolerances and
         the state_dicts keep their keys. Call it after moving or casting the model.
         prepack: "auto" (the default) runs each convolution of the UNet and VAE plain or with its weight
@@ -150,9 +153,15 @@ class StableDiffusion:
         True prepacks every k x k conv without measuring; False leaves them plain.
         compile: torch.compile the UNet, in place, instead of the above; each new batch size or image size
         pays for a compilation on its first call (minutes on a CPU), and on a CPU the weights are frozen into
-        each compiled graph (a second copy; they must not change afterwards)."""
+        each compiled graph (a second copy; they must not change afterwards).
+        aot: use the UNet packages `sd compile` built beside the weights for this machine (model/compiled.py),
+        for the shapes where they measured faster than eager; other shapes run eager."""
+        from . import compiled
         from .speed import optimize_unet, optimize_vae
         from .tuning import Tuner
+
+        if aot and not compile and self.source is not None:    # before the convs change their weights' form
+            self.compiled = compiled.load(self.unet, compiled.packages_dir(self.source))
 
         self.tuner = tuner if tuner is not None else Tuner() if prepack == "auto" else None
         optimize_unet(self.unet, prepack=prepack, channels_last=channels_last, compile=compile, tuner=self.tuner)
@@ -354,7 +363,7 @@ class StableDiffusion:
             if masked_latents is not None:  # 9-channel UNet: [latents, mask, masked-image latents]
                 x_in = torch.cat([x_in, masks, masked_latents], dim=1)
             x_in = torch.cat([x_in[guided], x_in]).to(self.dtype)
-            eps = self.unet(x_in, t.to(self.device), context).float()
+            eps = (self.compiled or self.unet)(x_in, t.to(self.device), context).float()
             eps_uncond, eps = eps[: len(guided)], eps[len(guided):].clone()
             eps[guided] = eps_uncond + g * (eps[guided] - eps_uncond)
             return samplers.to_x0(x, sigma, eps, self.schedule.prediction_type)

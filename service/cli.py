@@ -24,6 +24,7 @@ EPILOG = """examples:
   sd generate --mode image-to-image --input-image in.png --strength 0.7 --prompt "a blue circle"
   sd inpaint --input-image in.png --mask mask.png --prompt "a yellow square in the top left"
   sd convert v1-5-pruned-emaonly.safetensors weights/sd15 --tokenizer ./clip-tokenizer
+  sd compile weights/ --sizes 64x64 --batch 1,2,4,8   # the UNet compiled ahead of time, for this machine
   sd train --config configs/tiny.yaml        # retrain the default model (about an hour on 2 cores)
   sd eval                                    # how well the default model follows its prompts
   sd serve                                   # HTTP API + in-process worker on 127.0.0.1:8000
@@ -55,6 +56,16 @@ The mask is white where to repaint and black where to keep; every pixel outside 
     "convert": """examples:
   sd convert v1-5-pruned-emaonly.safetensors weights/sd15 --tokenizer ./clip-tokenizer
   sd convert path/to/diffusers-model weights/mymodel     # a diffusers folder carries its tokenizer
+""",
+    "compile": """examples:
+  sd compile weights/ --sizes 64x64 --batch 1,2,4,8          # the default model, the service's batch sizes
+  sd compile weights/sd15 --sizes 512x512 --batch 1          # one SD 1.5 shape (minutes on a CPU)
+  sd compile weights/sd15 --sizes 512x512 --device cuda --dtype fp16
+
+Packages go beside the weights (WEIGHTS/compiled/<machine>/, or FILE.compiled/<machine>/ for one file), with
+a manifest naming the machine, torch, device, dtype and weights they were built for; `sd serve`, `sd worker`
+and `sd generate` load those built here and use each only where it measured faster than eager (printed
+below). A guided image runs the UNet at batch 2, so --batch N compiles UNet batch 2N.
 """,
     "train": """examples:
   sd train --config configs/tiny.yaml                  # the default model, from scratch
@@ -136,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", help="a diffusers folder, or one original .safetensors/.ckpt file")
     conv.add_argument("dst", help="the native weights folder to write")
     conv.add_argument("--tokenizer", default=None, help="dir with vocab.json + merges.txt (single files carry none)")
+    comp = _subparser(sub, "compile", "compile the UNet ahead of time for this machine, per image size and batch")
+    comp.add_argument("weights", help="the weights to compile (native dir, diffusers dir or one file)")
+    comp.add_argument("--sizes", default=None, help="image sizes WxH, comma-separated (default: the native size)")
+    comp.add_argument("--batch", default="1", help="images per batch, comma-separated (default: 1)")
+    comp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    comp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     _add_service_commands(sub)
     _add_train_command(sub)
     _add_eval_command(sub)
@@ -332,12 +349,41 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    import logging
+
+    from model import StableDiffusion, compiled
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+        pipe = StableDiffusion.from_pretrained(args.weights, device=args.device, dtype=_dtype(args.dtype))
+        n = pipe.native_size
+        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")] if args.sizes else [(n, n)]
+        f, m = pipe.latent_factor, max(8, pipe.latent_factor)        # sizes as the pipeline takes them
+        if any(b < 1 for b in batches) or any(len(s) != 2 or s[0] % m or s[1] % m or min(s) < m for s in sizes):
+            raise ValueError(f"--batch takes integers >= 1; --sizes takes WxH, positive multiples of {m}")
+    except ValueError as e:
+        print(f"sd compile: {e}", file=sys.stderr)
+        return 2
+    shapes = [(2 * b, h // f, w // f) for w, h in sizes for b in batches]
+    out = compiled.packages_dir(pipe.source)
+    manifest = compiled.build(pipe.unet, shapes, out)
+    print(f"wrote {out}")
+    print("| UNet input | compile s | eager ms | compiled ms | used |\n|---|---|---|---|---|")
+    for name, e in manifest["packages"].items():
+        print(f"| {name} | {e['compile_s']} | {e['eager_ms']} | {e['compiled_ms']} | {'yes' if e['use'] else 'no'} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("generate", "inpaint"):
         return cmd_generate(args)
     if args.command == "convert":
         return cmd_convert(args)
+    if args.command == "compile":
+        return cmd_compile(args)
     if args.command in ("serve", "worker"):
         return cmd_service(args)
     if args.command == "train":

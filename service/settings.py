@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-LEVERS = ("prepack", "compile", "channels_last")   # StableDiffusion.optimize's keyword arguments
+LEVERS = ("prepack", "compile", "channels_last", "aot")   # StableDiffusion.optimize's keyword arguments
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
@@ -30,7 +30,7 @@ class Settings:
     dtype: str = "auto"                   # "auto" (fp16 on cuda, fp32 on cpu), "fp32", "fp16", "bf16"
     optimize: str = "auto"                # speed levers (model/speed.py): "auto" (chosen by measurement on this
                                           # machine: pipe.optimize()'s default), "none", or a comma list of
-                                          # prepack, compile, channels_last (those levers on, unmeasured)
+                                          # prepack, compile, channels_last, aot (those levers on, unmeasured)
     max_batch: int = 8                    # images per pipeline call (a bigger single job still runs, alone)
     batch_window: float = 0.01            # seconds a worker waits for more jobs once it has one
     queue_limit: int = 64                 # queued + running jobs; beyond it new jobs get 429
@@ -144,7 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, http: bool) -> None:
     p("--device", help="auto, cpu, cuda, cuda:N (env SD_DEVICE; default auto)")
     p("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="(env SD_DTYPE; default auto: fp16 on cuda)")
     p("--optimize", metavar="LEVERS", help="speed levers: auto, none, or a comma list of prepack, compile, "
-      "channels_last, turned on without measuring (env SD_OPTIMIZE; default auto: each convolution plain or "
+      "channels_last, aot (the packages of `sd compile`), turned on without measuring (env SD_OPTIMIZE; "
+      "default auto: the packages sd compile built here where they measured faster, and each convolution plain or "
       "prepacked, per layer shape, as measured on this machine; SD_TUNE_CACHE names the file that keeps the "
       "choices). compile: each new batch/image size compiles on first use (minutes on a CPU)")
     p("--max-batch", type=int, help="images per pipeline call (default 8)")

@@ -198,9 +198,10 @@ def test_optimize_setting_becomes_the_levers_of_pipe_optimize():
     from service.settings import Settings
 
     assert Settings().levers() == {}                                 # auto: pipe.optimize()'s defaults
-    assert Settings(optimize="none").levers() == {"prepack": False, "compile": False, "channels_last": False}
+    assert Settings(optimize="none").levers() == {"prepack": False, "compile": False, "channels_last": False,
+                                                  "aot": False}
     assert Settings(optimize=" compile, channels_last").levers() == {"prepack": False, "compile": True,
-                                                                     "channels_last": True}
+                                                                     "channels_last": True, "aot": False}
 
 
 def test_nothing_is_prepacked_where_torch_has_no_onednn(monkeypatch):
