@@ -8,7 +8,8 @@ diffusers, ours, ...) so that load on the machine hits both alike. Prints the me
 and their ratio (target <= 0.85), the peak RSS of each (whole process, and the generation alone after the
 peak is reset) and their ratio (target <= 1.0), and the max pixel difference of the two images (<= 2/255).
 
-    .venv/bin/python bench/txt2img_vs_diffusers.py [--rounds 2] [--size 256] [--steps 10] [--convs auto|prepack|plain]
+    .venv/bin/python bench/txt2img_vs_diffusers.py [--rounds 2] [--size 256] [--steps 10] [--convs auto|prepack|plain] [--width 0.5]
+                                                   [--reference DIR]
                                                    [--channels-last] [--compile]
 
 Ours runs as pipe.optimize() leaves it (each conv plain or prepacked per shape, as measured here) unless --convs; --channels-last and
@@ -138,6 +139,8 @@ def main():
     ap.add_argument("--width", type=float, default=1.0, help="UNet channels x this (0.5: the half-width layout)")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--reference", default=None, help="a folder to keep the random pipeline in (made once, "
+                    "reused; `sd compile FOLDER/sd` then compiles ours ahead of time) instead of a temporary one")
     ap.add_argument("--child", choices=["diffusers", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -154,8 +157,14 @@ def main():
     with tempfile.TemporaryDirectory(prefix="sd15_bench_") as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()
-        folder = save_reference(tmp, args.width)
-        print(f"saved a random SD 1.5-architecture diffusers pipeline in {time.perf_counter() - start:.0f} s")
+        if args.reference:      # saved before (and perhaps compiled ahead: `sd compile DIR/sd ...`)
+            folder = Path(args.reference) / "sd"
+            if not folder.exists():
+                save_reference(Path(args.reference), args.width)
+            print(f"reference pipeline: {folder}")
+        else:
+            folder = save_reference(tmp, args.width)
+            print(f"saved a random SD 1.5-architecture diffusers pipeline in {time.perf_counter() - start:.0f} s")
         results = {"diffusers": [], "ours": []}
         for r in range(args.rounds):
             for side in results:
