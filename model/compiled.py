@@ -35,6 +35,7 @@ from .tuning import machine_name
 log = logging.getLogger("sd.compiled")
 
 MANIFEST = "manifest.json"
+TOKENS = 77          # the text context's length, as the pipeline calls the UNet
 
 
 def packages_dir(weights: Path) -> Path:
@@ -57,12 +58,19 @@ def shape_name(batch: int, channels: int, h: int, w: int) -> str:
     return f"{batch}x{channels}x{h}x{w}"
 
 
+def _target(unet: nn.Module) -> dict:
+    """What a package is native code for: this machine and torch, the UNet's device and dtype."""
+    param = next(unet.parameters())
+    return {"machine": machine_name(), "torch": torch.__version__, "device": param.device.type,
+            "dtype": str(param.dtype).removeprefix("torch.")}
+
+
 def _inputs(config, batch, h, w, dtype, device):
     """Example inputs of one shape, as the pipeline calls the UNet (t: [B] float32, context: 77 tokens)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, config.in_channels, h, w, generator=g).to(device, dtype)
     t = torch.full((batch,), 500.0, device=device)
-    context = torch.randn(batch, 77, config.cross_attention_dim, generator=g).to(device, dtype)
+    context = torch.randn(batch, TOKENS, config.cross_attention_dim, generator=g).to(device, dtype)
     return x, t, context
 
 
@@ -76,8 +84,7 @@ def build(unet: nn.Module, shapes, out: Path, *, rounds: int = 3) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     param = next(unet.parameters())
-    manifest = {"machine": machine_name(), "torch": torch.__version__, "device": param.device.type,
-                "dtype": str(param.dtype).removeprefix("torch."), "weights": weights_id(unet), "packages": {}}
+    manifest = {**_target(unet), "weights": weights_id(unet), "packages": {}}
     constants = {k: v.detach() for k, v in unet.state_dict().items()}    # the plain tensors, before tuning
     built = {}
     for batch, h, w in shapes:
@@ -153,9 +160,7 @@ def load(unet: nn.Module, directory: Path) -> CompiledUNet | None:
         manifest = json.loads((Path(directory) / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    param = next(unet.parameters())
-    here = {"machine": machine_name(), "torch": torch.__version__, "device": param.device.type,
-            "dtype": str(param.dtype).removeprefix("torch.")}
+    here = _target(unet)
     if any(manifest.get(k) != v for k, v in here.items()):
         log.info("ignoring %s: built for %s, this is %s", directory, {k: manifest.get(k) for k in here}, here)
         return None
@@ -173,7 +178,7 @@ def load(unet: nn.Module, directory: Path) -> CompiledUNet | None:
             log.warning("package %s not loaded: %s", name, e)
             continue
         batch, channels, h, w = map(int, name.split("x"))
-        runners[((batch, channels, h, w), (batch, 77, unet.config.cross_attention_dim))] = runner
+        runners[((batch, channels, h, w), (batch, TOKENS, unet.config.cross_attention_dim))] = runner
     if not runners:
         return None
     log.info("loaded %d compiled UNet shapes from %s", len(runners), directory)

@@ -79,6 +79,12 @@ class TunedConv2d(nn.Module):
         if "prepacked" not in forms:
             self._packed = None
 
+    def _replace_weight(self, plain: torch.Tensor) -> None:
+        """A new plain weight, held in the same forms as the old one."""
+        forms = self.forms
+        self._plain, self._packed = plain, None
+        self._keep(forms)
+
     @property
     def weight(self) -> torch.Tensor:
         """The plain weight (a copy when only the packed form is held: changing it changes nothing)."""
@@ -133,9 +139,7 @@ class TunedConv2d(nn.Module):
                 error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, "
                                   f"the shape in current model is {want}.")
             else:
-                forms = self.forms
-                self._plain, self._packed = weight.detach().cpu().float().clone(), None
-                self._keep(forms)
+                self._replace_weight(weight.detach().cpu().float().clone())
         elif strict:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k != key}
@@ -149,9 +153,7 @@ class TunedConv2d(nn.Module):
         if moved.device.type != "cpu" or moved.dtype != torch.float32:
             raise RuntimeError(f"TunedConv2d holds a CPU float32 weight for oneDNN; move or cast the model "
                                f"before optimize() (got {moved.device.type} {moved.dtype})")
-        forms = self.forms
-        self._plain, self._packed = moved, None
-        self._keep(forms)
+        self._replace_weight(moved)
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

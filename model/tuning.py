@@ -86,10 +86,9 @@ class Tuner:
         name = self.choices.get(key)
         if name in candidates:
             return name, candidates[name]()
-        if self.spent_s >= self.budget_s:
-            if key not in self.unmeasured:
-                log.info("tuning budget of %.1f s spent: %s runs %s, unmeasured", self.budget_s, key, REFERENCE)
-                self.unmeasured.add(key)
+        if self.spent_s >= self.budget_s:       # once per key: its choice is remembered below
+            log.info("tuning budget of %.1f s spent: %s runs %s, unmeasured", self.budget_s, key, REFERENCE)
+            self.unmeasured.add(key)
             name = next(iter(candidates))
             self.choices[key] = name
             return name, candidates[name]()
