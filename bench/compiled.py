@@ -39,7 +39,8 @@ def child(args):
     start = time.perf_counter()
     pipe.txt2img(PROMPT, steps=20)
     first_s = time.perf_counter() - start
-    result = {"load_s": load_s, "first_s": first_s, "packages": 0 if pipe.compiled is None else len(pipe.compiled.runners)}
+    packages = 0 if pipe.compiled is None else len(pipe.compiled.runners)
+    result = {"load_s": load_s, "first_s": first_s, "packages": packages}
     for batch in (1, 8):
         requests = [Request(PROMPT, seed=i) for i in range(batch)]
         pipe.generate(requests, steps=20)
@@ -84,7 +85,8 @@ def main():
     for label, key, scale, unit in rows:
         a, b = med["eager"][key] * scale, med["compiled"][key] * scale
         print(f"| {label} | {a:.1f} {unit} | {b:.1f} {unit} | {b / a:.3f} |")
-    print(f"images/s at batch 8 / batch 1, compiled: {8 * med['compiled']['batch1_s'] / med['compiled']['batch8_s']:.2f}x")
+    gain = 8 * med["compiled"]["batch1_s"] / med["compiled"]["batch8_s"]
+    print(f"images/s at batch 8 / batch 1, compiled: {gain:.2f}x")
 
 
 if __name__ == "__main__":

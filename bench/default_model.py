@@ -1,7 +1,8 @@
 """Speed of the default model on this machine: one 64x64 image in 20 guided steps, and images/s at
 batch 1 and 8.
 
-    .venv/bin/python bench/default_model.py [--weights weights/] [--repeats 10] [--convs auto|prepack|plain] [--compile] [--no-aot]
+    .venv/bin/python bench/default_model.py [--weights weights/] [--repeats 10] [--convs auto|prepack|plain]
+                                            [--compile] [--no-aot]
 """
 
 import argparse

@@ -1,7 +1,8 @@
 """Where the time goes: torch.profiler (CPU) split of one SD 1.5-size UNet step, or of a whole txt2img with
 the default small model, into UNet convs, attention, GroupNorm, ..., VAE decode, text encoder, Python overhead.
 
-    .venv/bin/python bench/profile_split.py unet [--size 32] [--impl ours|diffusers] [--convs plain|auto|prepack] [--channels-last]
+    .venv/bin/python bench/profile_split.py unet [--size 32] [--impl ours|diffusers] [--convs plain|auto|prepack]
+                                                 [--channels-last]
     .venv/bin/python bench/profile_split.py default [--weights weights/] [--steps 20]
 
 Op categories come from the aten ops' self CPU time; "Python / framework overhead" is the wall time the ops do
@@ -85,7 +86,8 @@ def wrap(obj, attr, label):
 def profile_unet(args):
     from unet_step import build_pair, inputs
 
-    ref, ours = build_pair(channels_last=args.channels_last, want_ref=args.impl == "diffusers", prepack=CONVS[args.convs])
+    ref, ours = build_pair(channels_last=args.channels_last, want_ref=args.impl == "diffusers",
+                           prepack=CONVS[args.convs])
     x, t, ctx = inputs(args.size, channels_last=args.channels_last and args.impl == "ours")
     step = (lambda: ref(x, t, encoder_hidden_states=ctx).sample) if args.impl == "diffusers" else (lambda: ours(x, t, ctx))
     with torch.inference_mode():

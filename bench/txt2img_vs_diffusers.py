@@ -8,11 +8,13 @@ diffusers, ours, ...) so that load on the machine hits both alike. Prints the me
 and their ratio (target <= 0.85), the peak RSS of each (whole process, and the generation alone after the
 peak is reset) and their ratio (target <= 1.0), and the max pixel difference of the two images (<= 2/255).
 
-    .venv/bin/python bench/txt2img_vs_diffusers.py [--rounds 2] [--size 256] [--steps 10] [--convs auto|prepack|plain] [--width 0.5]
+    .venv/bin/python bench/txt2img_vs_diffusers.py [--rounds 2] [--size 256] [--steps 10] [--convs auto|prepack|plain]
+                                                   [--width 0.5]
                                                    [--reference DIR]
                                                    [--channels-last] [--compile]
 
-Ours runs as pipe.optimize() leaves it (each conv plain or prepacked per shape, as measured here) unless --convs; --channels-last and
+Ours runs as pipe.optimize() leaves it (each conv plain or prepacked per shape, as measured here) unless --convs;
+--channels-last and
 --compile add the other levers. Diffusers runs as it comes.
 """
 
@@ -122,7 +124,8 @@ def child(args):
 def run_child(side, folder, out, args):
     cmd = [sys.executable, __file__, "--child", side, "--folder", str(folder), "--out", str(out),
            "--size", str(args.size), "--steps", str(args.steps)]
-    cmd += ["--convs", args.convs, "--width", str(args.width)] + ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
+    cmd += ["--convs", args.convs, "--width", str(args.width)]
+    cmd += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
     subprocess.run(cmd, check=True, cwd=ROOT)
     result = json.loads(out.read_text())
     result["image"] = np.load(out.with_suffix(".npy")).astype(np.int16)
@@ -153,7 +156,8 @@ def main():
     print(f"{cpu_model()}, torch ISA {torch.backends.cpu.get_cpu_capability()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load[0]:.2f} {load[1]:.2f} "
           f"{load[2]:.2f}; {args.size}x{args.size}, {args.steps} ddim steps, guidance 7.5, seed {SEED}; "
-          f"UNet width x{args.width}; levers: convs={args.convs} channels_last={args.channels_last} compile={args.compile}")
+          f"UNet width x{args.width}; levers: convs={args.convs} channels_last={args.channels_last} "
+          f"compile={args.compile}")
     with tempfile.TemporaryDirectory(prefix="sd15_bench_") as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()

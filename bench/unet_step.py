@@ -4,7 +4,8 @@ default attention processor. The two are timed interleaved (A, B, A, B, ...) so 
 both alike; prints the median of each, the ratio (target: here <= 0.85 x diffusers) and the max abs difference
 of their outputs in the same run.
 
-    .venv/bin/python bench/unet_step.py [--sizes 32 64] [--repeats 3] [--convs auto|prepack|plain] [--channels-last] [--compile]
+    .venv/bin/python bench/unet_step.py [--sizes 32 64] [--repeats 3] [--convs auto|prepack|plain] [--channels-last]
+                                        [--compile]
     .venv/bin/python bench/unet_step.py --device cuda --dtype fp16 --sizes 64     # on a GPU
 
 Our UNet runs as pipe.optimize() leaves it (each conv plain or prepacked per shape, as a Tuner measures here;
@@ -82,7 +83,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     ap.add_argument("--convs", choices=["auto", "prepack", "plain"], default="auto",
-                    help="our UNet's convs: auto (plain or prepacked per shape, as measured; as served), prepack, plain")
+                    help="our UNet's convs: auto (plain or prepacked per shape, as measured; as served), "
+                    "prepack, plain")
     ap.add_argument("--channels-last", action="store_true", help="our UNet in channels_last memory format")
     ap.add_argument("--compile", action="store_true", help="our UNet through torch.compile (inductor)")
     ap.add_argument("--plain", action="store_true",

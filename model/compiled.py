@@ -115,7 +115,8 @@ def build(unet: nn.Module, shapes, out: Path, *, rounds: int = 3) -> dict:
         ok = diff <= 1e-3 * max(1.0, want.abs().max().item())
         manifest["packages"][name] = {
             "file": Path(path).name, "compile_s": round(seconds, 1), "eager_ms": round(eager_s * 1e3, 2),
-            "compiled_ms": round(compiled_s * 1e3, 2), "max_diff": diff, "use": bool(ok and compiled_s < 0.97 * eager_s)}
+            "compiled_ms": round(compiled_s * 1e3, 2), "max_diff": diff,
+            "use": bool(ok and compiled_s < 0.97 * eager_s)}
         log.info("%s: eager %.1f ms, compiled %.1f ms, max diff %.1e: %s", name, eager_s * 1e3, compiled_s * 1e3,
                  diff, "used" if manifest["packages"][name]["use"] else "not used")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
