@@ -20,6 +20,7 @@ import collections
 import hashlib
 import hmac
 import io
+import json
 import logging
 import re
 import secrets
@@ -35,7 +36,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import metrics, schemas
-from .queue import ENDED, Job, JobState, QueueFull, QueueUnavailable, make_queue, new_job_id
+from .queue import (ENDED, Idempotency, IdempotencyConflict, Job, JobState, QueueFull, QueueUnavailable, make_queue,
+                    new_job_id)
 from .settings import Settings
 
 log = logging.getLogger("sd.api")
@@ -259,16 +261,42 @@ def _size(params: dict, image, settings: Settings) -> dict:
 # jobs
 
 
+IDEMPOTENCY_KEY = "Idempotency-Key"
+
+
+def idempotency_of(request: Request, params: dict, inputs: dict) -> Optional[Idempotency]:
+    """The request's Idempotency-Key with a fingerprint of what it asks for (path, fields as sent, uploads);
+    None without the header. The same key from the same API key within the result TTL gets the job it made
+    first; with another fingerprint it is refused (422)."""
+    key = request.headers.get(IDEMPOTENCY_KEY)
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not all(" " <= c <= "~" for c in key):
+        raise HTTPException(422, f"{IDEMPOTENCY_KEY} header must be 1 to 255 printable ASCII characters, "
+                                 f"got {_shown(key)}")
+    h = hashlib.sha256(request.url.path.encode())
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    for name in sorted(inputs):
+        h.update(name.encode() + hashlib.sha256(inputs[name]).digest())
+    return Idempotency(key, h.hexdigest())
+
+
 async def submit(queue, settings: Settings, mode: str, params: dict, inputs: dict,
-                 owner: Optional[str] = None) -> JobState:
-    """Queue a job; `owner` (owner_of(request)) is the only key that may see it later."""
+                 owner: Optional[str] = None, idempotency: Optional[Idempotency] = None) -> JobState:
+    """Queue a job; `owner` (owner_of(request)) is the only key that may see it later. With `idempotency`
+    (idempotency_of(request, ...)), a retry of a request gets back the job it made."""
     if params.get("seed") in (None, -1):
         params = {**params, "seed": secrets.randbelow(schemas.MAX_SEED + 1)}
     job = Job(new_job_id(), mode, {**params, "mode": mode}, inputs, created=time.time(), owner=owner)
     try:
-        return await queue.submit(job, settings.queue_limit)
+        return await queue.submit(job, settings.queue_limit, idempotency=idempotency,
+                                  lane_limit=settings.queue_limit_per_key if settings.api_keys else 0)
     except QueueFull as e:
-        raise HTTPException(429, f"queue full: {e}; retry later", headers={"Retry-After": RETRY_AFTER})
+        what = "queue full for this API key" if e.lane else "queue full"
+        raise HTTPException(429, f"{what}: {e}; retry later", headers={"Retry-After": RETRY_AFTER})
+    except IdempotencyConflict as e:
+        raise HTTPException(422, f"{IDEMPOTENCY_KEY} {idempotency.key!r} was already used with a different request "
+                                 f"(job {e.job_id}); send a new key for a new request")
 
 
 def _parameters(state: JobState) -> schemas.Parameters:
@@ -289,10 +317,10 @@ async def wait_for_result(queue, settings: Settings, state: JobState,
                           request: Optional[Request] = None) -> tuple[JobState, list[bytes]]:
     """Wait for the job; its final state and PNGs, or the HTTPException that says why there are none.
     With `request`, a client that hangs up while it waits has its job cancelled: no one is left to take
-    the result, so it is not run for nobody."""
+    the result, so it is not run for nobody; unless it sent an Idempotency-Key: then it may come back for it."""
     job_id = state.id
     try:
-        if request is None:
+        if request is None or IDEMPOTENCY_KEY in request.headers:
             state = await queue.wait(job_id, settings.job_timeout)
         else:
             state = await _wait_while_connected(request, queue, job_id, settings.job_timeout)
@@ -456,12 +484,15 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
     Txt2Img, Img2Img, Inpaint = models["txt2img"], models["img2img"], models["inpaint"]
 
     async def txt2img_job(request, body, queue, settings):
-        return await submit(queue, settings, "txt2img", body.model_dump(), {}, owner_of(request))
+        params = body.model_dump()
+        return await submit(queue, settings, "txt2img", params, {}, owner_of(request),
+                            idempotency_of(request, params, {}))
 
     async def img2img_job(request, params, image, queue, settings):
         data, img = await read_image(image, "image", settings)
-        return await submit(queue, settings, "img2img", _size(params.model_dump(), img, settings), {"image": data},
-                            owner_of(request))
+        params = _size(params.model_dump(), img, settings)
+        return await submit(queue, settings, "img2img", params, {"image": data}, owner_of(request),
+                            idempotency_of(request, params, {"image": data}))
 
     async def inpaint_job(request, params, image, mask, queue, settings):
         data, img = await read_image(image, "image", settings)
@@ -473,8 +504,9 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
                                          f"{img.width}x{img.height}")
         elif not (img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info):
             raise HTTPException(422, "mask is required: the image has no transparent pixels to repaint")
-        return await submit(queue, settings, "inpaint", _size(params.model_dump(), img, settings), inputs,
-                            owner_of(request))
+        params = _size(params.model_dump(), img, settings)
+        return await submit(queue, settings, "inpaint", params, inputs, owner_of(request),
+                            idempotency_of(request, params, inputs))
 
     ImageFile = Annotated[UploadFile, File(description="the input image (PNG, JPEG, WebP, ...)")]
     MaskFile = Annotated[Optional[UploadFile], File(description="white = repaint; left out: the image's "

@@ -18,6 +18,7 @@ interrupt see the requests of this API process only.
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import secrets
@@ -31,7 +32,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import schemas
-from .api import ERRORS, JSON_BODY, SYNC_ERRORS, _error_message, _size, open_image, owner_of, submit, wait_for_result
+from .api import (ERRORS, JSON_BODY, SYNC_ERRORS, _error_message, _size, idempotency_of, open_image, owner_of, submit,
+                  wait_for_result)
 from .queue import ENDED
 from .settings import Settings
 
@@ -149,6 +151,7 @@ def router(settings: Settings) -> APIRouter:
         queue, count = request.app.state.queue, body.batch_size * body.n_iter
         if count > settings.max_images:
             raise HTTPException(422, f"batch_size * n_iter must be at most {settings.max_images}, got {count}")
+        idem = idempotency_of(request, {**params, "count": count}, inputs)  # (before a random seed is drawn)
         if body.seed == -1:
             params = {**params, "seed": secrets.randbelow(schemas.MAX_SEED + 1 - count)}
         seed = params["seed"]
@@ -160,8 +163,12 @@ def router(settings: Settings) -> APIRouter:
         try:
             try:
                 for i in range(count):
-                    ids.append((await submit(queue, settings, mode, {**params, "seed": seed + i}, inputs,
-                                             owner_of(request))).id)
+                    part = dataclasses.replace(idem, part=i) if idem else None
+                    state = await submit(queue, settings, mode, {**params, "seed": seed + i}, inputs,
+                                         owner_of(request), part)
+                    ids.append(state.id)
+                    if i == 0:
+                        seed = state.params["seed"]  # (a retry with an Idempotency-Key: the first request's)
             except HTTPException:  # queue full part way: take back what went in
                 for job_id in ids:
                     await queue.cancel(job_id)

@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import schemas
-from .api import (FORM_BODY, JSON_BODY, RETRY_AFTER, _error_message, _size, clear_detail, get_queue, open_image,
-                  owner_of, read_image, submit, wait_for_result)
+from .api import (FORM_BODY, JSON_BODY, RETRY_AFTER, _error_message, _size, clear_detail, get_queue, idempotency_of,
+                  open_image, owner_of, read_image, submit, wait_for_result)
 from .queue import QueueUnavailable
 from .settings import Settings
 
@@ -216,7 +216,9 @@ def router(settings: Settings) -> APIRouter:
     @api.post("/generations", summary="OpenAI: create images from a prompt (a txt2img job)", dependencies=[JSON_BODY],
               responses=ERRORS)
     async def generations(request: Request, body: ImageRequest, queue=Depends(get_queue)):
-        state = await submit(queue, settings, "txt2img", native_params(body, "txt2img"), {}, owner_of(request))
+        params = native_params(body, "txt2img")
+        state = await submit(queue, settings, "txt2img", params, {}, owner_of(request),
+                             idempotency_of(request, params, {}))
         return await answer(request, body, state)
 
     @api.post("/edits", summary="OpenAI: repaint an image where the mask is transparent (an inpaint job)",
@@ -235,6 +237,8 @@ def router(settings: Settings) -> APIRouter:
         elif not has_alpha(img):
             raise HTTPException(422, "mask is required: the image has no transparent pixels to repaint")
         params = _size(native_params(body, "inpaint"), img, settings)
-        return await answer(request, body, await submit(queue, settings, "inpaint", params, inputs, owner_of(request)))
+        state = await submit(queue, settings, "inpaint", params, inputs, owner_of(request),
+                             idempotency_of(request, params, inputs))
+        return await answer(request, body, state)
 
     return api

@@ -16,7 +16,11 @@ HISTOGRAMS = {  # name: (help, bucket upper bounds)
     "sd_job_seconds": ("Seconds from a job's submission to its result.",
                        (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)),
 }
-COUNTERS = {"sd_jobs_total": "Jobs that reached an end state, by status."}
+COUNTERS = {
+    "sd_jobs_total": "Jobs that reached an end state, by status.",
+    "sd_jobs_reclaimed_total": "Job runs taken over from a dead worker, or run again after their worker lost the queue.",
+    "sd_results_dropped_total": "Results a worker did not store because another worker had taken its job over.",
+}
 
 
 def _le(bound: float) -> str:

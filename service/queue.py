@@ -4,28 +4,49 @@ A job moves   queued -> running -> done | failed | cancelled   (running -> queue
 it is retried or its worker lets it go). Both queues have the same two faces:
 
   the API's (async):   submit, state, wait, result, cancel, depth, workers, stats, ping
-  a worker's (sync):   take, progress, finish, fail, cancelled, release, heartbeat, record
+  a worker's (sync):   take, progress, finish, fail, cancelled, release, abandon, heartbeat, record
 
-RedisQueue keys (prefix "sd" by default; every key but the stream has a TTL):
+Fairness: every job belongs to a lane, its API key's (owner digest; "-" without keys). Workers take
+round-robin across the lanes that have waiting jobs, one job a lane a turn, so one key's backlog delays
+another key's job by at most about one batch; a lane may hold at most `lane_limit` jobs (QueueFull).
 
-  sd:jobs                 stream, consumer group "workers"; one entry {id} per run of a job
-  sd:job:{id}             hash: status, mode, params (JSON), step, total, error, attempts, times
+Idempotency: a submit may carry (key, fingerprint). The same key in the same lane within the result TTL
+gives back the job it made first (nothing new is queued); the same key with another fingerprint raises
+IdempotencyConflict.
+
+RedisQueue keys (prefix "sd" by default; standalone Redis >= 7.0, not Cluster: scripts name keys
+they build from the prefix):
+
+  sd:jobs:{lane}          stream of a lane's jobs, consumer group "workers"; one entry {id} per run of a
+                          job, deleted (XACK + XDEL) when the run ends; the stream is deleted when empty
+  sd:lanes                set: the lanes whose stream exists
+  sd:ready                list: lanes that may hold entries no worker has read yet, in round-robin order
+  sd:bell                 list: a token per job queued; an idle worker BLPOPs it (woken, not polling)
+  sd:job:{id}             hash: status, mode, params (JSON), step, total, error, attempts, worker, times
   sd:input:{id}:{name}    an uploaded image or mask, as sent
   sd:result:{id}:{n}      result PNG n
   sd:done:{id}            list: a token pushed when the job ends; waiters BLPOP it (no polling)
-  sd:worker:{name}        a worker's heartbeat
+  sd:idem:{lane}:{hash}   "fingerprint job-id" of an Idempotency-Key
+  sd:worker:{name}        a worker's liveness key: a few seconds' TTL, refreshed by a thread of its own
   sd:stats                hash of metric samples the workers add to (service/metrics.py)
 
-A worker XREADGROUPs up to its batch size, XAUTOCLAIMs entries other workers left idle longer
-than the visibility timeout, keeps the entries it is running fresh with XCLAIM at every step,
-and XACKs + XDELs an entry once the job's end state is stored. State changes are one small Lua
-script, so a cancel and a worker never overwrite each other.
+Liveness: a worker's keep-alive thread (service/worker.py) refreshes its liveness key and the claims
+(XCLAIM) of the entries it is running about once a second, however long a step takes. Before it reads
+new entries, a worker claims (1) the entries of consumers whose liveness key has expired: dead workers'
+jobs run again within seconds; (2) its own pending entries that it is not running: those of a batch it
+abandoned when Redis went away (after a Redis restart from its AOF they are still there); (3) entries
+idle past the visibility timeout whatever their consumer (a safety net). A job's hash names the worker
+running it, and every change a worker makes is fenced by that name: a worker whose job was taken over
+stores nothing and acknowledges nothing, so each job is stored once.
+
+Every change of state is one Lua script, so a cancel, a takeover and a worker never overwrite each other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import json
 import secrets
 import threading
@@ -35,23 +56,53 @@ from typing import Optional
 
 GATHER_POLL = 0.002     # seconds between a Redis worker's reads during its gather window
 SOCKET_TIMEOUT = 10.0   # seconds a Redis reply may take before the queue counts as unreachable
-BLOCK_SLICE = 5.0       # longest blocking Redis read (BLPOP, XREADGROUP), well under SOCKET_TIMEOUT:
+BLOCK_SLICE = 5.0       # longest blocking Redis read (BLPOP), well under SOCKET_TIMEOUT:
                         # longer waits are several reads, so no wait is mistaken for a dead Redis
+OUTAGE_PAUSE = (0.25, 2.0)  # seconds between a waiter's tries while Redis is unreachable (doubling)
+NO_LANE = "-"           # the lane of jobs made without API keys
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ENDED = ("done", "failed", "cancelled")
 
 
 class QueueFull(Exception):
-    """More jobs are waiting than the queue limit allows (answer 429)."""
+    """More jobs are waiting than the queue limit (or the lane's limit: `lane` True) allows (answer 429)."""
+
+    def __init__(self, message: str, *, lane: bool = False):
+        super().__init__(message)
+        self.lane = lane
 
 
 class QueueUnavailable(Exception):
     """The queue cannot be reached (answer 503)."""
 
 
+class IdempotencyConflict(Exception):
+    """An idempotency key came again with another request (answer 422)."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"the key was used for job {job_id}, made from another request")
+        self.job_id = job_id
+
+
 def new_job_id() -> str:
     return secrets.token_urlsafe(16)  # 128 random bits: job ids cannot be guessed
+
+
+def lane_of(owner: Optional[str]) -> str:
+    return owner or NO_LANE
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """An Idempotency-Key and the fingerprint of the request it came with; `part`: which of the jobs of a
+    request that makes several (the web UI's batch_size * n_iter)."""
+    key: str
+    fingerprint: str
+    part: int = 0
+
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.part}:{self.key}".encode()).hexdigest()
 
 
 @dataclass
@@ -66,6 +117,11 @@ class Job:
     entry: str = ""                             # the queue's handle of this run (a stream entry id)
     created: float = 0.0
     owner: Optional[str] = None                 # sha256 of the API key that made it (never the key); None: no keys
+    worker: str = ""                            # the worker (consumer) that started this run
+
+    @property
+    def lane(self) -> str:
+        return lane_of(self.owner)
 
 
 @dataclass
@@ -85,6 +141,7 @@ class JobState:
     started: Optional[float] = None
     finished: Optional[float] = None
     owner: Optional[str] = None                 # only this API key's requests see the job (api.py)
+    worker: Optional[str] = None                # the worker running it (or that ran it last)
 
     def to_hash(self) -> dict:
         d = asdict(self)
@@ -100,7 +157,17 @@ class JobState:
                    step=int(h.get("step") or 0), total=int(h.get("total") or 0), error=h.get("error") or None,
                    error_kind=h.get("error_kind") or None, attempts=int(h.get("attempts") or 0),
                    images=int(h.get("images") or 0), created=float(h.get("created") or 0),
-                   started=opt("started", float), finished=opt("finished", float), owner=h.get("owner") or None)
+                   started=opt("started", float), finished=opt("finished", float), owner=h.get("owner") or None,
+                   worker=h.get("worker") or None)
+
+
+def _full(depth: int, limit: int) -> QueueFull:
+    return QueueFull(f"the queue holds {depth} jobs, its limit is {limit}")
+
+
+def _lane_full(depth: int, limit: int) -> QueueFull:
+    return QueueFull(f"this API key has {depth} jobs queued or running, its limit is {limit} "
+                     f"(other keys are not affected)", lane=True)
 
 
 # -----------------------------------------------------------------------------
@@ -118,7 +185,9 @@ class MemoryQueue:
         self._inputs: dict[str, dict] = {}
         self._results: dict[str, list[bytes]] = {}
         self._expires: dict[str, float] = {}
-        self._queued: collections.deque[str] = collections.deque()
+        self._lanes: dict[str, collections.deque[str]] = {}  # lane -> its queued job ids, in order
+        self._ready: collections.deque[str] = collections.deque()  # lanes with queued jobs, round-robin order
+        self._idempotent: dict[tuple[str, str], tuple[str, str, float]] = {}  # (lane, key) -> fingerprint, job, until
         self._waiters: dict[str, list] = collections.defaultdict(list)
         self._workers: dict[str, float] = {}
         self._stats: dict[str, float] = collections.defaultdict(float)
@@ -126,17 +195,28 @@ class MemoryQueue:
 
     # --- the API's side
 
-    async def submit(self, job: Job, limit: int) -> JobState:
+    async def submit(self, job: Job, limit: int, *, lane_limit: int = 0,
+                     idempotency: Optional[Idempotency] = None) -> JobState:
         with self._cond:
             self._expire()
-            if self._depth() >= limit:
-                raise QueueFull(f"the queue holds {limit} jobs, its limit")
+            if idempotency is not None:
+                prior = self._idempotent.get((job.lane, idempotency.digest()))
+                if prior is not None and prior[1] in self._jobs:
+                    if prior[0] != idempotency.fingerprint:
+                        raise IdempotencyConflict(prior[1])
+                    return _copy(self._jobs[prior[1]])
+            if (depth := self._depth()) >= limit:
+                raise _full(depth, limit)
+            if lane_limit and (mine := self._depth(job.lane)) >= lane_limit:
+                raise _lane_full(mine, lane_limit)
             state = JobState(job.id, job.mode, "queued", job.params, created=job.created or time.time(),
                              owner=job.owner)
             self._jobs[job.id], self._inputs[job.id] = state, dict(job.inputs)
             self._expires[job.id] = time.time() + self.result_ttl
-            self._queued.append(job.id)
-            self._cond.notify_all()
+            if idempotency is not None:
+                self._idempotent[(job.lane, idempotency.digest())] = (idempotency.fingerprint, job.id,
+                                                                      self._expires[job.id])
+            self._enqueue(job.id)
             return _copy(state)
 
     async def state(self, job_id: str) -> Optional[JobState]:
@@ -172,7 +252,10 @@ class MemoryQueue:
             state = self._jobs.get(job_id)
             if state is not None and state.status in ("queued", "running"):
                 if state.status == "queued":
-                    self._queued.remove(job_id)
+                    lane = lane_of(state.owner)
+                    self._lanes[lane].remove(job_id)
+                    if not self._lanes[lane]:
+                        self._ready.remove(lane)
                 self._end(state, "cancelled")
             return _copy(state)
 
@@ -198,16 +281,19 @@ class MemoryQueue:
     # --- a worker's side
 
     def take(self, max_jobs: int, block: float, gather: float, consumer: str = "worker") -> list[Job]:
-        """Up to max_jobs queued jobs, now running: wait up to `block` seconds for one, then up to
-        `gather` more seconds for others to join it."""
+        """Up to max_jobs queued jobs, now running, round-robin across lanes: wait up to `block` seconds
+        for one, then up to `gather` more seconds for others to join it."""
         jobs = []
         with self._cond:
-            self._cond.wait_for(lambda: self._queued, timeout=block)
+            self._cond.wait_for(lambda: self._ready, timeout=block)
             end = time.monotonic() + gather
-            while self._queued and len(jobs) < max_jobs:
-                jobs.append(self._start(self._queued.popleft()))
-                if len(jobs) < max_jobs and not self._queued and gather > 0:
-                    self._cond.wait_for(lambda: self._queued, timeout=max(0.0, end - time.monotonic()))
+            while self._ready and len(jobs) < max_jobs:
+                lane = self._ready.popleft()
+                jobs.append(self._start(self._lanes[lane].popleft(), consumer))
+                if self._lanes[lane]:
+                    self._ready.append(lane)
+                if len(jobs) < max_jobs and not self._ready and gather > 0:
+                    self._cond.wait_for(lambda: self._ready, timeout=max(0.0, end - time.monotonic()))
         return jobs
 
     def progress(self, jobs: list[Job], step: int, total: int, consumer: str = "worker") -> set[str]:
@@ -236,8 +322,7 @@ class MemoryQueue:
                 return state.status if state else "expired"
             if retry and job.attempts < self.max_attempts:
                 state.status, state.error, state.step = "queued", error, 0
-                self._queued.append(job.id)
-                self._cond.notify_all()
+                self._enqueue(job.id)
                 return "queued"
             state.error, state.error_kind = error, kind
             self._end(state, "failed")
@@ -250,18 +335,23 @@ class MemoryQueue:
             self._stats.update(_add(self._stats, _count_end("cancelled")))
 
     def release(self, jobs: list[Job]) -> None:
-        """Give jobs this worker took but will not run back to the queue, at its front."""
+        """Give jobs this worker took but will not run back to the queue, at the front of their lanes."""
         with self._cond:
             for job in reversed(jobs):
                 state = self._jobs.get(job.id)
                 if state is not None and state.status == "running":
                     state.status, state.attempts, state.started = "queued", state.attempts - 1, None
-                    self._queued.appendleft(job.id)
-            self._cond.notify_all()
+                    self._enqueue(job.id, front=True)
+
+    def abandon(self, jobs: list[Job]) -> None:
+        """The worker stopped these jobs without ending them (the queue failed under it): run them again."""
+        self.release(jobs)
 
     def heartbeat(self, consumer: str, ttl: float) -> None:
         with self._cond:
             self._workers[consumer] = time.time() + ttl
+
+    keep_alive = heartbeat  # one process: nothing else can take its jobs
 
     def record(self, increments: dict) -> None:
         with self._cond:
@@ -272,16 +362,25 @@ class MemoryQueue:
 
     # --- inside the lock
 
-    def _depth(self) -> int:
-        return sum(1 for s in self._jobs.values() if s.status in ("queued", "running"))
+    def _depth(self, lane: Optional[str] = None) -> int:
+        return sum(1 for s in self._jobs.values()
+                   if s.status in ("queued", "running") and (lane is None or lane_of(s.owner) == lane))
 
-    def _start(self, job_id: str) -> Job:
+    def _enqueue(self, job_id: str, front: bool = False) -> None:
+        lane = lane_of(self._jobs[job_id].owner)
+        queued = self._lanes.setdefault(lane, collections.deque())
+        queued.appendleft(job_id) if front else queued.append(job_id)
+        if lane not in self._ready:
+            self._ready.append(lane)
+        self._cond.notify_all()
+
+    def _start(self, job_id: str, consumer: str) -> Job:
         state = self._jobs[job_id]
-        state.status, state.started, state.step = "running", time.time(), 0
+        state.status, state.started, state.step, state.worker = "running", time.time(), 0, consumer
         state.attempts += 1
         self._runs += 1
         return Job(job_id, state.mode, state.params, self._inputs.get(job_id, {}), state.attempts,
-                   entry=str(self._runs), created=state.created)
+                   entry=str(self._runs), created=state.created, owner=state.owner, worker=consumer)
 
     def _end(self, state: JobState, status: str) -> None:
         state.status, state.finished = status, time.time()
@@ -297,6 +396,8 @@ class MemoryQueue:
         for job_id in [j for j, t in self._expires.items() if t < now and self._jobs[j].status in ENDED]:
             for d in (self._jobs, self._inputs, self._results, self._expires):
                 d.pop(job_id, None)
+        for key in [k for k, (_, _, until) in self._idempotent.items() if until < now]:
+            del self._idempotent[key]
 
 
 def _copy(state: Optional[JobState]) -> Optional[JobState]:
@@ -322,42 +423,273 @@ def _latency(state: JobState) -> dict:
 # -----------------------------------------------------------------------------
 # Redis Streams: any number of API processes and workers
 
-
-# Change a job's status only if it is one of ARGV[1] (comma-separated); set the fields ARGV[3..];
-# (done: step = total); when the new status is an end state, push the "done" token and let everything expire in ARGV[2] s.
-# Returns {1, new status} or {0, current status ("" if the job is gone)}.
-_TRANSITION = """
-local s = redis.call('HGET', KEYS[1], 'status')
-if not s or not string.find(',' .. ARGV[1] .. ',', ',' .. s .. ',', 1, true) then return {0, s or ''} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-local new = redis.call('HGET', KEYS[1], 'status')
-if new == 'done' then redis.call('HSET', KEYS[1], 'step', redis.call('HGET', KEYS[1], 'total') or '0') end
-if new == 'done' or new == 'failed' or new == 'cancelled' then
-  redis.call('RPUSH', KEYS[2], '1')
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
+# Every script gets the key prefix as ARGV[1] and starts with these helpers.
+_LUA_COMMON = """
+local P, GROUP = ARGV[1], 'workers'
+local function stream_of(lane) return P .. ':jobs:' .. lane end
+-- a new entry for job `id` in its lane; the lane joins the round-robin; one idle worker is woken
+local function enqueue(lane, id)
+  local stream = stream_of(lane)
+  redis.pcall('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')  -- (BUSYGROUP when it exists)
+  redis.call('XADD', stream, '*', 'id', id)
+  redis.call('SADD', P .. ':lanes', lane)
+  if not redis.call('LPOS', P .. ':ready', lane) then redis.call('RPUSH', P .. ':ready', lane) end
+  redis.call('RPUSH', P .. ':bell', '1')
+  redis.call('LTRIM', P .. ':bell', -64, -1)
 end
-return {1, new}
+-- the run `entry` is over: out of the stream, and an empty lane's stream goes with it
+local function ack(lane, entry)
+  local stream = stream_of(lane)
+  redis.call('XACK', stream, GROUP, entry)
+  redis.call('XDEL', stream, entry)
+  if redis.call('XLEN', stream) == 0 then
+    redis.call('DEL', stream)
+    redis.call('SREM', P .. ':lanes', lane)
+    redis.call('LREM', P .. ':ready', 0, lane)
+  end
+end
+-- the job reached an end state: its inputs go, its waiters wake, everything of it expires in ttl s
+local function ended(id, ttl)
+  local job = P .. ':job:' .. id
+  for name in string.gmatch(redis.call('HGET', job, 'inputs') or '', '[^,]+') do
+    redis.call('DEL', P .. ':input:' .. id .. ':' .. name)
+  end
+  redis.call('RPUSH', P .. ':done:' .. id, '1')
+  redis.call('EXPIRE', P .. ':done:' .. id, ttl)
+  redis.call('EXPIRE', job, ttl)
+end
+"""
+
+# ARGV: prefix, lane, id, limit, lane limit (0: none), ttl, idempotency key ('': none), fingerprint,
+# input count, (name, bytes) per input, then the job hash's (field, value) pairs.
+# Returns {'ok', id}, {'same' | 'conflict', the key's job id}, {'full' | 'lane_full', depth}.
+_SUBMIT = _LUA_COMMON + """
+local lane, id, limit, lane_limit, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local idem, fingerprint = ARGV[7], ARGV[8]
+if idem ~= '' then
+  local prior = redis.call('GET', idem)
+  if prior then
+    local sep = string.find(prior, ' ', 1, true)
+    local prior_id = string.sub(prior, sep + 1)
+    if redis.call('EXISTS', P .. ':job:' .. prior_id) == 1 then
+      return {string.sub(prior, 1, sep - 1) == fingerprint and 'same' or 'conflict', prior_id}
+    end
+  end
+end
+local depth = 0
+for _, l in ipairs(redis.call('SMEMBERS', P .. ':lanes')) do depth = depth + redis.call('XLEN', stream_of(l)) end
+if depth >= limit then return {'full', depth} end
+local mine = redis.call('XLEN', stream_of(lane))
+if lane_limit > 0 and mine >= lane_limit then return {'lane_full', mine} end
+local job, i, names = P .. ':job:' .. id, 10, {}
+for _ = 1, tonumber(ARGV[9]) do
+  redis.call('SET', P .. ':input:' .. id .. ':' .. ARGV[i], ARGV[i + 1], 'EX', ttl)
+  table.insert(names, ARGV[i])
+  i = i + 2
+end
+redis.call('HSET', job, 'inputs', table.concat(names, ','), unpack(ARGV, i))
+redis.call('EXPIRE', job, ttl)
+if idem ~= '' then redis.call('SET', idem, fingerprint .. ' ' .. id, 'EX', ttl) end
+enqueue(lane, id)
+return {'ok', id}
+"""
+
+# Up to ARGV[3] new entries for consumer ARGV[2], one from each ready lane in turn (round-robin).
+# Returns {lane, entry, job id, lane, entry, job id, ...}.
+_TAKE = _LUA_COMMON + """
+local me, max, out, n = ARGV[2], tonumber(ARGV[3]), {}, 0
+local ready = P .. ':ready'
+while n < max do
+  local lane = redis.call('LMOVE', ready, ready, 'LEFT', 'RIGHT')
+  if not lane then break end
+  local got = redis.pcall('XREADGROUP', 'GROUP', GROUP, me, 'COUNT', 1, 'STREAMS', stream_of(lane), '>')
+  if type(got) == 'table' and got[1] then
+    local entry = got[1][2][1]
+    table.insert(out, lane); table.insert(out, entry[1]); table.insert(out, entry[2][2])
+    n = n + 1
+  else
+    redis.call('LREM', ready, 0, lane)  -- nothing new in it (or no stream): out of the round-robin
+  end
+end
+return out
+"""
+
+# Entries for consumer ARGV[2] to run again, up to ARGV[5]: those of consumers whose liveness key is gone
+# (idle at least ARGV[3] ms: so two workers never both claim one), its own pending entries but the ones it
+# holds (ARGV[6..]: runs it is still on), and any entry idle longer than ARGV[4] ms (the visibility timeout).
+# Returns {lane, entry, job id, ...} as _TAKE.
+_RECLAIM = _LUA_COMMON + """
+local me, dead_idle, visibility, max = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local held, nheld, out, n = {}, 0, {}, 0
+for i = 6, #ARGV do held[ARGV[i]] = true; nheld = nheld + 1 end
+local function add(lane, entries)
+  for _, e in ipairs(entries) do
+    if type(e) == 'table' and type(e[2]) == 'table' and not held[lane .. '/' .. e[1]] then
+      table.insert(out, lane); table.insert(out, e[1]); table.insert(out, e[2][2])
+      n = n + 1
+    end
+  end
+end
+for _, lane in ipairs(redis.call('SMEMBERS', P .. ':lanes')) do
+  if n >= max then break end
+  local stream = stream_of(lane)
+  local summary = redis.pcall('XPENDING', stream, GROUP)
+  if type(summary) == 'table' and type(summary[1]) == 'number' and summary[1] > 0 then
+    for _, c in ipairs(summary[4]) do
+      local name = c[1]
+      local gone = name ~= me and redis.call('EXISTS', P .. ':worker:' .. name) == 0
+      if (gone or name == me) and n < max then
+        local idle = gone and dead_idle or '0'
+        local ids = {}
+        for _, p in ipairs(redis.call('XPENDING', stream, GROUP, 'IDLE', idle, '-', '+', max - n + nheld, name)) do
+          if not held[lane .. '/' .. p[1]] and #ids < max - n then table.insert(ids, p[1]) end
+        end
+        if #ids > 0 then add(lane, redis.call('XCLAIM', stream, GROUP, me, idle, unpack(ids))) end
+        if gone and #redis.call('XPENDING', stream, GROUP, '-', '+', 1, name) == 0 then
+          redis.call('XGROUP', 'DELCONSUMER', stream, GROUP, name)
+        end
+      end
+    end
+    if n < max then
+      add(lane, redis.call('XAUTOCLAIM', stream, GROUP, me, visibility, '0-0', 'COUNT', max - n)[2])
+    end
+  end
+end
+return out
+"""
+
+# Consumer ARGV[5] starts running job ARGV[4] (its entry ARGV[3] in lane ARGV[2]) at time ARGV[6].
+# Returns {'ok', the job hash}, or {'skip'} (cancelled while queued, or expired: the entry is acknowledged),
+# or {'failed'} (out of attempts, or its inputs expired: failed and acknowledged).
+_START = _LUA_COMMON + """
+local lane, entry, id, me, now, max_attempts, ttl = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local job = P .. ':job:' .. id
+local status = redis.call('HGET', job, 'status')
+if status ~= 'queued' and status ~= 'running' then ack(lane, entry) return {'skip'} end
+local function fail(error)
+  redis.call('HSET', job, 'status', 'failed', 'error', error, 'error_kind', 'error', 'finished', now)
+  ended(id, ttl)
+  ack(lane, entry)
+  return {'failed'}
+end
+if redis.call('HINCRBY', job, 'attempts', 1) > max_attempts then
+  return fail('gave up after ' .. max_attempts .. ' attempts (worker lost)')
+end
+for name in string.gmatch(redis.call('HGET', job, 'inputs') or '', '[^,]+') do
+  if redis.call('EXISTS', P .. ':input:' .. id .. ':' .. name) == 0 then return fail("the job's input images expired") end
+end
+redis.call('HSET', job, 'status', 'running', 'started', now, 'step', 0, 'worker', me)
+return {'ok', redis.call('HGETALL', job)}
+"""
+
+# Consumer ARGV[2] reports step ARGV[3] of ARGV[4] for jobs ARGV[5..]. Returns each job's status: 'running'
+# (and recorded), 'cancelled', 'gone' (expired), or 'lost' (another worker runs it now).
+_PROGRESS = _LUA_COMMON + """
+local out = {}
+for i = 5, #ARGV do
+  local job = P .. ':job:' .. ARGV[i]
+  local status, worker = redis.call('HGET', job, 'status'), redis.call('HGET', job, 'worker')
+  if not status then table.insert(out, 'gone')
+  elseif worker ~= ARGV[2] then table.insert(out, 'lost')
+  else
+    if status == 'running' then redis.call('HSET', job, 'step', ARGV[3], 'total', ARGV[4]) end
+    table.insert(out, status)
+  end
+end
+return out
+"""
+
+# Consumer ARGV[5] ends its run (lane ARGV[2], entry ARGV[3]) of job ARGV[4]: action ARGV[6] at time ARGV[8],
+# keeping what ends for ARGV[7] s. Fenced: a job another worker runs now is left alone ({'lost'}).
+#   done     ARGV[9] = n, ARGV[10 .. 9+n] the PNGs, ARGV[10+n] the params (JSON)
+#   failed   ARGV[9] = error, ARGV[10] = kind
+#   retry    ARGV[9] = error: queued again, in a new entry
+#   release  queued again, this attempt not counted
+#   ack      just acknowledge (the worker stopped a cancelled job)
+# A job no longer running (cancelled, expired) only has its entry acknowledged. Returns {what happened}.
+_END = _LUA_COMMON + """
+local lane, entry, id, me, action, ttl, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local job = P .. ':job:' .. id
+local status, worker = redis.call('HGET', job, 'status'), redis.call('HGET', job, 'worker')
+if status and worker ~= me then return {'lost'} end
+if action == 'ack' or status ~= 'running' then ack(lane, entry) return {status or 'gone'} end
+if action == 'done' then
+  local n = tonumber(ARGV[9])
+  for k = 0, n - 1 do redis.call('SET', P .. ':result:' .. id .. ':' .. k, ARGV[10 + k], 'EX', ttl) end
+  redis.call('HSET', job, 'status', 'done', 'images', n, 'finished', now, 'params', ARGV[10 + n],
+             'step', redis.call('HGET', job, 'total') or '0')
+  ended(id, ttl)
+elseif action == 'failed' then
+  redis.call('HSET', job, 'status', 'failed', 'error', ARGV[9], 'error_kind', ARGV[10], 'finished', now)
+  ended(id, ttl)
+elseif action == 'retry' or action == 'release' then
+  if action == 'retry' then
+    redis.call('HSET', job, 'status', 'queued', 'error', ARGV[9], 'step', 0)
+  else
+    redis.call('HSET', job, 'status', 'queued', 'started', '', 'worker', '')
+    redis.call('HINCRBY', job, 'attempts', -1)
+  end
+  ack(lane, entry)
+  enqueue(lane, id)
+  return {'queued'}
+end
+ack(lane, entry)
+return {action}
+"""
+
+# Consumer ARGV[2] is alive for ARGV[3] ms more (its liveness key, value ARGV[4]); its runs (lane, entry)
+# ARGV[5..] stay its claims (XCLAIM resets their idle time), unless another consumer holds one now.
+_KEEP_ALIVE = _LUA_COMMON + """
+local me = ARGV[2]
+redis.call('SET', P .. ':worker:' .. me, ARGV[4], 'PX', ARGV[3])
+for i = 5, #ARGV, 2 do
+  local stream, entry = stream_of(ARGV[i]), ARGV[i + 1]
+  local p = redis.pcall('XPENDING', stream, GROUP, entry, entry, 1)
+  if type(p) == 'table' and type(p[1]) == 'table' and p[1][2] == me then
+    redis.call('XCLAIM', stream, GROUP, me, 0, entry, 'JUSTID')
+  end
+end
+return 1
+"""
+
+# The API's cancel: job ARGV[2], if queued or running, becomes cancelled (ARGV[3] = ttl, ARGV[4] = now).
+_CANCEL = _LUA_COMMON + """
+local id = ARGV[2]
+local status = redis.call('HGET', P .. ':job:' .. id, 'status')
+if status ~= 'queued' and status ~= 'running' then return 0 end
+redis.call('HSET', P .. ':job:' .. id, 'status', 'cancelled', 'finished', ARGV[4])
+ended(id, ARGV[3])
+return 1
 """
 
 
+def _triples(flat: list) -> list[tuple[str, str, str]]:
+    """{lane, entry, job id, ...} as (lane, entry, job id) tuples of str."""
+    flat = [x.decode() if isinstance(x, bytes) else x for x in flat]
+    return list(zip(flat[0::3], flat[1::3], flat[2::3]))
+
+
 class RedisQueue:
-    """Jobs on a Redis stream with a consumer group. The API uses the asyncio client, workers the
+    """Jobs on Redis streams with a consumer group. The API uses the asyncio client, workers the
     blocking one; each is made on first use."""
 
     GROUP = "workers"
 
     def __init__(self, url: str, *, prefix: str = "sd", result_ttl: int = 3600, max_attempts: int = 3,
-                 visibility_timeout: float = 300):
+                 visibility_timeout: float = 300, liveness_ttl: float = 5.0):
         self.url, self.prefix = url, prefix
         self.result_ttl, self.max_attempts = int(result_ttl), max_attempts
         self.visibility_ms = int(visibility_timeout * 1000)
-        self.stream = f"{prefix}:jobs"
+        self.liveness_ms = max(1, int(liveness_ttl * 1000))
         self._sync = None
         self._async = None
-        self._group_ready = False
+        self._held: dict[tuple[str, str], Job] = {}  # (lane, entry) -> the job this process is running under it
+        self._held_lock = threading.Lock()
 
     # keys
+    def stream(self, lane: str = NO_LANE) -> str:
+        return f"{self.prefix}:jobs:{lane}"
+
     def _job(self, job_id):
         return f"{self.prefix}:job:{job_id}"
 
@@ -378,7 +710,8 @@ class RedisQueue:
         if self._async is None:
             self._async = redis.asyncio.Redis.from_url(self.url, socket_connect_timeout=2,
                                                       socket_timeout=SOCKET_TIMEOUT)
-            self._async_transition = self._async.register_script(_TRANSITION)
+            self._async_scripts = {name: self._async.register_script(s)
+                                   for name, s in (("submit", _SUBMIT), ("cancel", _CANCEL))}
         return self._async
 
     async def _call(self, coroutine_fn):
@@ -390,39 +723,47 @@ class RedisQueue:
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             raise QueueUnavailable(f"Redis is unreachable: {e}") from e
 
-    async def submit(self, job: Job, limit: int) -> JobState:
-        import redis
-
+    async def submit(self, job: Job, limit: int, *, lane_limit: int = 0,
+                     idempotency: Optional[Idempotency] = None) -> JobState:
         state = JobState(job.id, job.mode, "queued", job.params, created=job.created or time.time(), owner=job.owner)
-
-        async def go(r):
-            if not self._group_ready:
-                try:
-                    await r.xgroup_create(self.stream, self.GROUP, id="0", mkstream=True)
-                except redis.ResponseError as e:
-                    if "BUSYGROUP" not in str(e):
-                        raise
-                self._group_ready = True
-            if await r.xlen(self.stream) >= limit:
-                raise QueueFull(f"the queue holds {limit} jobs, its limit")
-            async with r.pipeline(transaction=True) as p:
-                p.hset(self._job(job.id), mapping=state.to_hash())
-                p.expire(self._job(job.id), self.result_ttl)
-                for name, data in job.inputs.items():
-                    p.set(self._input(job.id, name), data, ex=self.result_ttl)
-                p.hset(self._job(job.id), "inputs", ",".join(job.inputs))
-                p.xadd(self.stream, {"id": job.id})
-                await p.execute()
-            return state
-
-        return await self._call(go)
+        idem = f"{self.prefix}:idem:{job.lane}:{idempotency.digest()}" if idempotency else ""
+        args = [self.prefix, job.lane, job.id, limit, lane_limit, self.result_ttl, idem,
+                idempotency.fingerprint if idempotency else "", len(job.inputs)]
+        args += [x for name, data in job.inputs.items() for x in (name, data)]
+        args += [x for kv in state.to_hash().items() for x in kv]
+        what, value = await self._call(lambda r: self._async_scripts["submit"](args=args, client=r))
+        what = what.decode()
+        if what == "full":
+            raise _full(value, limit)
+        if what == "lane_full":
+            raise _lane_full(value, lane_limit)
+        if what == "conflict":
+            raise IdempotencyConflict(value.decode())
+        if what == "same":
+            return await self.state(value.decode())
+        return state
 
     async def state(self, job_id: str) -> Optional[JobState]:
         h = await self._call(lambda r: r.hgetall(self._job(job_id)))
         return JobState.from_hash(h) if h else None
 
     async def wait(self, job_id: str, timeout: float) -> Optional[JobState]:
+        """The job's state once it has ended, or when `timeout` s have passed. While Redis is unreachable the
+        wait goes on (a Redis restarted from its AOF still has the job); QueueUnavailable only if Redis is still
+        away at the deadline. None: the job is gone (Redis came back without it)."""
         deadline = time.monotonic() + timeout
+        pause = OUTAGE_PAUSE[0]
+        while True:
+            try:
+                return await self._wait(job_id, deadline)
+            except QueueUnavailable:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                await asyncio.sleep(min(pause, left))
+                pause = min(2 * pause, OUTAGE_PAUSE[1])
+
+    async def _wait(self, job_id: str, deadline: float) -> Optional[JobState]:
         state = await self.state(job_id)
         while state is not None and state.status not in ENDED:
             remaining = deadline - time.monotonic()
@@ -440,13 +781,18 @@ class RedisQueue:
         return await self._call(lambda r: r.get(self._result(job_id, n)))
 
     async def cancel(self, job_id: str) -> Optional[JobState]:
-        await self._call(lambda r: self._async_transition(
-            keys=[self._job(job_id), self._done(job_id)], client=r,
-            args=["queued,running", self.result_ttl, "status", "cancelled", "finished", time.time()]))
+        await self._call(lambda r: self._async_scripts["cancel"](
+            args=[self.prefix, job_id, self.result_ttl, time.time()], client=r))
         return await self.state(job_id)
 
     async def depth(self) -> int:
-        return await self._call(lambda r: r.xlen(self.stream))
+        async def go(r):
+            lanes = await r.smembers(f"{self.prefix}:lanes")
+            async with r.pipeline(transaction=False) as p:
+                for lane in lanes:
+                    p.xlen(self.stream(lane.decode()))
+                return sum(await p.execute())
+        return await self._call(go)
 
     async def workers(self) -> int:
         async def go(r):
@@ -472,160 +818,123 @@ class RedisQueue:
 
         if self._sync is None:
             self._sync = redis.Redis.from_url(self.url, socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT)
-            self._transition = self._sync.register_script(_TRANSITION)
-            self._create_group(self._sync)
+            self._scripts = {name: self._sync.register_script(s) for name, s in (
+                ("take", _TAKE), ("reclaim", _RECLAIM), ("start", _START), ("progress", _PROGRESS),
+                ("end", _END), ("keep_alive", _KEEP_ALIVE))}
         return self._sync
 
-    def _create_group(self, r) -> None:
-        import redis
-
-        try:
-            r.xgroup_create(self.stream, self.GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-
-    def _set(self, job_id: str, allowed: str, client=None, **fields):
-        args = [allowed, self.result_ttl] + [x for kv in fields.items() for x in (kv[0], "" if kv[1] is None else kv[1])]
-        return self._transition(keys=[self._job(job_id), self._done(job_id)], args=args, client=client)
-
-    def _ack(self, p, entry: str) -> None:
-        p.xack(self.stream, self.GROUP, entry)
-        p.xdel(self.stream, entry)
+    def _script(self, name: str, *args):
+        self._redis()
+        return self._scripts[name](args=[self.prefix, *args])
 
     def take(self, max_jobs: int, block: float, gather: float, consumer: str = "worker") -> list[Job]:
-        """Up to max_jobs jobs, now running: first entries other workers left idle past the visibility
-        timeout, then new ones (blocking up to `block` s for the first, `gather` s for more)."""
-        import redis
-
+        """Up to max_jobs jobs, now running: first those to run again (a dead worker's, our own abandoned
+        ones, any idle past the visibility timeout), then new ones, round-robin across lanes (waiting up to
+        `block` s for the first, then `gather` s for more to join it)."""
         r = self._redis()
-        try:
-            _, claimed, _ = r.xautoclaim(self.stream, self.GROUP, consumer, min_idle_time=self.visibility_ms,
-                                         start_id="0-0", count=max_jobs)
-        except redis.ResponseError as e:
-            if "NOGROUP" not in str(e):
-                raise
-            # Redis restarted empty (no persistence) or the stream was deleted: make the group again, from
-            # the stream's start, so jobs the API added since are read, not skipped
-            self._create_group(r)
-            return []
-        entries = [(e, f) for e, f in claimed if f]
+        with self._held_lock:
+            held = [f"{lane}/{entry}" for lane, entry in self._held]
+        entries = _triples(self._script("reclaim", consumer, self.liveness_ms // 2, self.visibility_ms, max_jobs,
+                                        *held))
+        if entries:
+            from .metrics import count
+
+            self.record({k: float(len(entries)) for k in count("sd_jobs_reclaimed_total")})
         if len(entries) < max_jobs:
-            entries += self._read(r, consumer, max_jobs - len(entries), None if entries else block)
-        # The first job is in: give others `gather` s to join it. Redis ends a blocking read that times out
-        # only at its next tick (every 100 ms at its default hz of 10), far too late for a window of a few
-        # ms, so the window is kept here: short sleeps, each followed by a read that does not block.
+            entries += self._read(consumer, max_jobs - len(entries))
+        deadline = time.monotonic() + block
+        while not entries and (left := deadline - time.monotonic()) > 0:
+            # a token is pushed for every job queued: sleep in Redis until one is, then read
+            r.blpop([f"{self.prefix}:bell"], timeout=max(0.01, min(left, BLOCK_SLICE)))
+            entries = self._read(consumer, max_jobs)
+        # The first job is in: give others `gather` s to join it, in short sleeps, each followed by a read
         end = time.monotonic() + gather
         while entries and len(entries) < max_jobs and (left := end - time.monotonic()) > 0:
             time.sleep(min(left, GATHER_POLL))
-            entries += self._read(r, consumer, max_jobs - len(entries), None)
-        jobs = []
-        for entry, fields in entries:
-            job = self._start(r, entry.decode(), fields[b"id"].decode(), consumer)
-            if job is not None:
-                jobs.append(job)
+            entries += self._read(consumer, max_jobs - len(entries))
+        jobs = [job for lane, entry, job_id in entries if (job := self._start(lane, entry, job_id, consumer))]
         return jobs
 
-    def _read(self, r, consumer: str, count: int, block: Optional[float]) -> list:
-        """Up to `count` new stream entries for `consumer`, waiting up to `block` s for the first (Redis
-        answers as soon as one is added); block None: answer at once."""
-        block_ms = None if not block or block <= 0 else max(1, int(min(block, BLOCK_SLICE) * 1000))  # 0: forever
-        got = r.xreadgroup(self.GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms)
-        return [item for _, items in got or [] for item in items]
+    def _read(self, consumer: str, count: int) -> list[tuple[str, str, str]]:
+        return _triples(self._script("take", consumer, count))
 
-    def _start(self, r, entry: str, job_id: str, consumer: str) -> Optional[Job]:
-        ok, status = self._set(job_id, "queued,running", status="running", started=time.time(), step=0,
-                               worker=consumer)
-        if not ok:  # cancelled while queued, or expired: nothing to run
-            with r.pipeline() as p:
-                self._ack(p, entry)
-                p.execute()
+    def _start(self, lane: str, entry: str, job_id: str, consumer: str) -> Optional[Job]:
+        started = self._script("start", lane, entry, job_id, consumer, time.time(), self.max_attempts,
+                               self.result_ttl)
+        if started[0] == b"failed":
+            self.record(_count_end("failed"))
+        if started[0] != b"ok":
             return None
-        attempts = r.hincrby(self._job(job_id), "attempts", 1)
-        state = JobState.from_hash(r.hgetall(self._job(job_id)))
-        if attempts > self.max_attempts:  # its workers kept dying: stop trying
-            job = Job(job_id, state.mode, state.params, attempts=attempts, entry=entry)
-            self._end_failed(job, f"gave up after {self.max_attempts} attempts (worker lost)", "error")
-            return None
-        names = [n for n in (r.hget(self._job(job_id), "inputs") or b"").decode().split(",") if n]
-        inputs = {n: r.get(self._input(job_id, n)) for n in names}
-        if any(v is None for v in inputs.values()):
-            job = Job(job_id, state.mode, state.params, attempts=attempts, entry=entry)
-            self._end_failed(job, "the job's input images expired", "error")
-            return None
-        return Job(job_id, state.mode, state.params, inputs, attempts, entry, created=state.created)
+        h = dict(zip(started[1][0::2], started[1][1::2]))
+        state = JobState.from_hash(h)
+        names = [n for n in h.get(b"inputs", b"").decode().split(",") if n]
+        inputs = dict(zip(names, self._sync.mget([self._input(job_id, n) for n in names]))) if names else {}
+        job = Job(job_id, state.mode, state.params, inputs, state.attempts, entry, created=state.created,
+                  owner=state.owner, worker=consumer)
+        with self._held_lock:
+            self._held[(lane, entry)] = job
+        return job
 
     def progress(self, jobs: list[Job], step: int, total: int, consumer: str = "worker") -> set[str]:
-        r = self._redis()
-        with r.pipeline(transaction=False) as p:
-            for job in jobs:
-                p.hset(self._job(job.id), mapping={"step": step, "total": total})
-                p.hget(self._job(job.id), "status")
-            # claiming our own entries resets their idle time: no one else takes a job that is progressing
-            p.xclaim(self.stream, self.GROUP, consumer, 0, [j.entry for j in jobs], justid=True)
-            out = p.execute()
-        statuses = out[1:-1:2]
-        return {j.id for j, s in zip(jobs, statuses) if s in (None, b"cancelled")}
+        """Record progress; answer the ids of the jobs to stop: cancelled, expired, or now run by another worker."""
+        statuses = self._script("progress", consumer, step, total, *[j.id for j in jobs])
+        return {j.id for j, s in zip(jobs, statuses) if s != b"running"}
+
+    def _end(self, job: Job, action: str, *args) -> str:
+        """Run the _END script for the worker that started this run of the job (job.worker)."""
+        try:
+            got = self._script("end", job.lane, job.entry, job.id, job.worker, action, self.result_ttl, time.time(),
+                               *args)
+        finally:
+            with self._held_lock:
+                self._held.pop((job.lane, job.entry), None)
+        what = got[0].decode()
+        if what == "lost":
+            from .metrics import count
+
+            self.record(count("sd_results_dropped_total"))
+        return what
 
     def finish(self, job: Job, pngs: list[bytes]) -> None:
         r = self._redis()
-        with r.pipeline(transaction=True) as p:
-            for n, data in enumerate(pngs):
-                p.set(self._result(job.id, n), data, ex=self.result_ttl)
-            self._set(job.id, "running", client=p, status="done", images=len(pngs), finished=time.time(),
-                      params=json.dumps(job.params))
-            for name in job.inputs:
-                p.delete(self._input(job.id, name))
-            self._ack(p, job.entry)
-            p.execute()
-        state = JobState.from_hash(r.hgetall(self._job(job.id)) or {"id": job.id, "mode": job.mode,
-                                                                     "status": "gone", "params": "{}"})
-        if state.status == "done":
+        if self._end(job, "done", len(pngs), *pngs, json.dumps(job.params)) == "done":
+            state = JobState.from_hash(r.hgetall(self._job(job.id)))
             self.record({**_count_end("done"), **_latency(state)})
 
     def fail(self, job: Job, error: str, *, retry: bool, kind: str = "error") -> str:
+        """Mark the job failed, or queue it again when `retry` and it has runs left. Returns its status."""
         if retry and job.attempts < self.max_attempts:
-            r = self._redis()
-            ok, status = self._set(job.id, "running", status="queued", error=error, step=0)
-            with r.pipeline(transaction=True) as p:
-                if ok:
-                    p.xadd(self.stream, {"id": job.id})
-                self._ack(p, job.entry)
-                p.execute()
-            return "queued" if ok else status.decode()
-        return self._end_failed(job, error, kind)
-
-    def _end_failed(self, job: Job, error: str, kind: str) -> str:
-        r = self._redis()
-        ok, status = self._set(job.id, "queued,running", status="failed", error=error, error_kind=kind,
-                               finished=time.time())
-        with r.pipeline() as p:
-            self._ack(p, job.entry)
-            p.execute()
-        if ok:
+            return self._end(job, "retry", error)
+        what = self._end(job, "failed", error, kind)
+        if what == "failed":
             self.record(_count_end("failed"))
-        return status.decode()
+        return what
 
     def cancelled(self, job: Job) -> None:
-        r = self._redis()
-        with r.pipeline() as p:
-            self._ack(p, job.entry)
-            p.execute()
-        self.record(_count_end("cancelled"))
+        """The worker stopped a cancelled job (its state already says so)."""
+        if self._end(job, "ack") == "cancelled":
+            self.record(_count_end("cancelled"))
 
     def release(self, jobs: list[Job]) -> None:
-        r = self._redis()
+        """Give jobs this worker took but will not run back to the queue (at the end of their lanes)."""
         for job in jobs:
-            ok, _ = self._set(job.id, "running", status="queued", started="")
-            with r.pipeline(transaction=True) as p:
-                if ok:
-                    p.hincrby(self._job(job.id), "attempts", -1)
-                    p.xadd(self.stream, {"id": job.id})
-                self._ack(p, job.entry)
-                p.execute()
+            self._end(job, "release")
+
+    def abandon(self, jobs: list[Job]) -> None:
+        """The worker stopped these jobs without ending them (Redis failed under it). Nothing is sent (Redis may
+        be away): their entries stay pending under the worker's name, and its next take claims them again."""
+        with self._held_lock:
+            for job in jobs:
+                self._held.pop((job.lane, job.entry), None)
 
     def heartbeat(self, consumer: str, ttl: float) -> None:
-        self._redis().set(f"{self.prefix}:worker:{consumer}", time.time(), ex=max(1, int(ttl)))
+        self.keep_alive(consumer, ttl)
+
+    def keep_alive(self, consumer: str, ttl: float) -> None:
+        """Refresh the worker's liveness key (ttl s) and its claims on the runs it holds."""
+        with self._held_lock:
+            held = [x for lane, entry in self._held for x in (lane, entry)]
+        self._script("keep_alive", consumer, max(1, int(ttl * 1000)), time.time(), *held)
 
     def record(self, increments: dict) -> None:
         with self._redis().pipeline(transaction=False) as p:
@@ -643,5 +952,5 @@ def make_queue(settings) -> "MemoryQueue | RedisQueue":
     common = dict(result_ttl=settings.result_ttl, max_attempts=settings.max_attempts,
                   visibility_timeout=settings.visibility_timeout)
     if settings.redis_url:
-        return RedisQueue(settings.redis_url, prefix=settings.key_prefix, **common)
+        return RedisQueue(settings.redis_url, prefix=settings.key_prefix, liveness_ttl=settings.liveness_ttl, **common)
     return MemoryQueue(**common)

@@ -34,9 +34,14 @@ class Settings:
     max_batch: int = 8                    # images per pipeline call (a bigger single job still runs, alone)
     batch_window: float = 0.01            # seconds a worker waits for more jobs once it has one
     queue_limit: int = 64                 # queued + running jobs; beyond it new jobs get 429
+    queue_limit_per_key: int = 32         # queued + running jobs of one API key (with keys set); beyond it that
+                                          # key alone gets 429; 0: no limit but queue_limit
     job_timeout: float = 300.0            # seconds a synchronous request waits before answering 504
     result_ttl: int = 3600                # seconds jobs, inputs and result PNGs are kept
-    visibility_timeout: float = 300.0     # seconds before another worker may claim a job whose worker went silent
+    liveness_ttl: float = 5.0             # seconds a worker's liveness key lives; a thread refreshes it every fifth
+                                          # of that. When it expires (the worker died) its jobs run elsewhere at once
+    visibility_timeout: float = 300.0     # a safety net: seconds after which any job whose claim was not refreshed
+                                          # is claimed by another worker, whatever its worker's liveness key says
     max_attempts: int = 3                 # a job that raises is retried until it has run this many times
     max_pixels: int = 1024 * 1024         # width * height of a request, and of an uploaded image
     max_steps: int = 150
@@ -47,11 +52,13 @@ class Settings:
     port: int = 8000
 
     def __post_init__(self):
-        positive = ("max_batch", "queue_limit", "job_timeout", "result_ttl", "visibility_timeout", "max_attempts",
-                    "max_pixels", "max_steps", "max_images", "max_upload_bytes")
+        positive = ("max_batch", "queue_limit", "job_timeout", "result_ttl", "liveness_ttl", "visibility_timeout",
+                    "max_attempts", "max_pixels", "max_steps", "max_images", "max_upload_bytes")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.queue_limit_per_key < 0:
+            raise ValueError(f"queue_limit_per_key must be >= 0 (0: no per-key limit), got {self.queue_limit_per_key!r}")
         if self.batch_window < 0:
             raise ValueError(f"batch_window must be >= 0, got {self.batch_window!r}")
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
@@ -136,6 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, http: bool) -> None:
         p("--port", type=int, help="port (env SD_PORT; default 8000)")
         p("--api-keys", metavar="K1,K2", help="accepted API keys; none: no authentication (env SD_API_KEYS)")
         p("--queue-limit", type=int, help="queued + running jobs before 429 (default 64)")
+        p("--queue-limit-per-key", type=int, help="queued + running jobs of one API key before that key gets 429 "
+          "(default 32; 0: none; only with API keys)")
         p("--job-timeout", type=float, help="seconds a synchronous request waits before 504 (default 300)")
         p("--max-pixels", type=int, help="largest width*height, asked for or uploaded (default 1048576)")
         p("--max-steps", type=int, help="largest steps (default 150)")
@@ -151,5 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, http: bool) -> None:
     p("--max-batch", type=int, help="images per pipeline call (default 8)")
     p("--batch-window", type=float, help="seconds to wait for more jobs once one arrived (default 0.01)")
     p("--result-ttl", type=int, help="seconds jobs and results are kept (default 3600)")
-    p("--visibility-timeout", type=float, help="seconds before a silent worker's jobs are claimed (default 300)")
+    p("--liveness-ttl", type=float, help="seconds a worker's liveness key lives: a dead worker's jobs run elsewhere "
+      "that soon (default 5)")
+    p("--visibility-timeout", type=float, help="seconds before a job whose claim stopped being refreshed is claimed "
+      "by another worker, whatever its worker's liveness (a safety net; default 300)")
     p("--max-attempts", type=int, help="runs of a failing job before it is marked failed (default 3)")

@@ -13,10 +13,15 @@ Each turn of the loop:
 A group that raises is rerun job by job, so one bad job does not fail the others. A job that raises
 ValueError (its own bad input) fails at once; any other error is retried up to max_attempts runs.
 A cancelled job is stopped between steps (model.Cancelled) when every job of its group is cancelled,
-and otherwise left out of the results. On stop (SIGTERM), the running group finishes and the jobs
-taken but not started go back to the queue. When the queue itself cannot be reached (Redis down) the
-running group stops (its jobs are not failed: they are the queue's to give out again) and the worker
+and otherwise left out of the results; so is a job another worker took over (this one was thought dead).
+On stop (SIGTERM), the running group finishes and the jobs taken but not started go back to the queue.
+When the queue itself cannot be reached (Redis down) the running group stops (its jobs are not failed:
+they are abandoned, and claimed again by this worker's next take once Redis answers) and the worker
 retries with a growing pause until the queue answers.
+
+Liveness: a thread of its own (keep_alive) refreshes the worker's liveness key (liveness_ttl, 5 s) and
+its claims on the jobs it runs every fifth of the TTL, however long a step takes; when the worker dies
+the key expires and any other worker claims its jobs at its next take (service/queue.py).
 """
 
 from __future__ import annotations
@@ -35,14 +40,13 @@ from .metrics import observe
 
 log = logging.getLogger("sd.worker")
 
-HEARTBEAT_TTL = 30.0   # seconds a worker counts as alive after it last reported in
 TAKE_BLOCK = 1.0       # seconds a take blocks when the queue is empty (how soon a stop is noticed)
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 8.0  # seconds between tries while the queue is unreachable
 
 
 class QueueLost(Exception):
     """The queue could not be reached in the middle of a batch. The batch's jobs are not at fault: they are
-    not failed or retried here; if the queue kept them, they are claimed again after the visibility timeout."""
+    not failed or retried here but abandoned; if the queue kept them, the next take claims them again."""
 
 
 def load_pipeline(settings):
@@ -108,6 +112,32 @@ class Worker:
         cannot be reached (Redis down) the worker stays up and tries again after a pause that doubles each
         time, from BACKOFF_MIN to BACKOFF_MAX s: no tight loop, and back to work soon after Redis is."""
         log.info("worker %s ready (max_batch=%d)", self.name, self.settings.max_batch)
+        alive = threading.Event()  # set when run() ends: the keep-alive thread stops with it
+        keeper = threading.Thread(target=self.keep_alive, args=(alive,), name="sd-keep-alive", daemon=True)
+        keeper.start()
+        try:
+            self._work(stop)
+        finally:
+            alive.set()
+            keeper.join(10)
+        log.info("worker %s stopped", self.name)
+
+    def keep_alive(self, stop: threading.Event) -> None:
+        """Until `stop`: refresh this worker's liveness key and its claims on the jobs it runs, every fifth of
+        the liveness TTL. A thread of its own, so a step of any length never lets the key expire; while the
+        queue is unreachable it keeps trying (one warning an outage)."""
+        ttl = self.settings.liveness_ttl
+        failing = False
+        while not stop.wait(ttl / 5):
+            try:
+                self.queue.keep_alive(self.name, ttl)
+                failing = False
+            except Exception as e:  # noqa: BLE001
+                if not failing:
+                    log.warning("keep-alive failed (%s: %s); retrying", type(e).__name__, e)
+                failing = True
+
+    def _work(self, stop: threading.Event) -> None:
         pause = BACKOFF_MIN
         while not stop.is_set():
             try:
@@ -119,22 +149,25 @@ class Worker:
                 log.warning("queue error (%s: %s); retrying in %.1f s", type(e).__name__, e, pause)
                 stop.wait(pause)
                 pause = min(2 * pause, BACKOFF_MAX)
-        log.info("worker %s stopped", self.name)
 
     def run_once(self, stop: threading.Event | None = None) -> int:
         """One turn: take, group, run. Returns how many jobs were taken."""
-        self.queue.heartbeat(self.name, HEARTBEAT_TTL)
+        self.queue.heartbeat(self.name, self.settings.liveness_ttl)
         jobs = self.queue.take(self.settings.max_batch, block=TAKE_BLOCK, gather=self.settings.batch_window,
                                consumer=self.name)
         for job in jobs:  # txt2img jobs may leave the size to the model
             job.params = {**job.params, "width": job.params.get("width") or self.pipe.native_size,
                           "height": job.params.get("height") or self.pipe.native_size}
-        batches = plan_batches(jobs, self.settings.max_batch)
-        for i, batch in enumerate(batches):
-            if stop is not None and stop.is_set():
-                self.queue.release([job for b in batches[i:] for job in b])
-                break
-            self.run_batch(batch)
+        try:
+            batches = plan_batches(jobs, self.settings.max_batch)
+            for i, batch in enumerate(batches):
+                if stop is not None and stop.is_set():
+                    self.queue.release([job for b in batches[i:] for job in b])
+                    break
+                self.run_batch(batch)
+        except BaseException:  # the queue failed under us (or we are killed): what did not end runs again
+            self.queue.abandon(jobs)
+            raise
         return len(jobs)
 
     def run_batch(self, jobs: list) -> None:
@@ -181,17 +214,14 @@ class Worker:
             requests.append(Request(p["prompt"], p["negative_prompt"], p["seed"], p["guidance_scale"],
                                     p["num_images"], image=image, mask=mask))
         step_times: list[float] = []
-        last = [time.monotonic(), time.monotonic()]  # previous step, previous heartbeat
+        last = [time.monotonic()]  # the previous step's end
 
         def callback(step: int, total: int) -> None:
             now = time.monotonic()
             step_times.append(now - last[0])
             last[0] = now
-            try:
+            try:  # the jobs to stop: cancelled, expired, or taken over by another worker
                 cancelled.update(self.queue.progress(jobs, step, total, consumer=self.name))
-                if now - last[1] > HEARTBEAT_TTL / 3:
-                    self.queue.heartbeat(self.name, HEARTBEAT_TTL)
-                    last[1] = now
             except Exception as e:  # noqa: BLE001
                 raise QueueLost(f"{type(e).__name__}: {e}") from e
             if len(cancelled) == len(jobs):
@@ -230,7 +260,8 @@ def main(settings) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     queue = RedisQueue(settings.redis_url, prefix=settings.key_prefix, result_ttl=settings.result_ttl,
-                       max_attempts=settings.max_attempts, visibility_timeout=settings.visibility_timeout)
+                       max_attempts=settings.max_attempts, visibility_timeout=settings.visibility_timeout,
+                       liveness_ttl=settings.liveness_ttl)
     worker = Worker(load_pipeline(settings), queue, settings)
     stop = threading.Event()
     signals = itertools.count()
@@ -239,7 +270,7 @@ def main(settings) -> int:
         if next(signals) == 0:
             log.info("signal %d: finishing the running batch, then stopping", signum)
             stop.set()
-        else:  # a second signal: stop now (taken jobs come back after the visibility timeout)
+        else:  # a second signal: stop now (taken jobs run elsewhere once the liveness key expires)
             raise SystemExit(1)
 
     signal.signal(signal.SIGTERM, on_signal)
