@@ -129,9 +129,10 @@ class Client:
             self.local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         return self.local.conn
 
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict, bytes]:
+    def request(self, method: str, path: str, body: dict | None = None,
+                headers: dict | None = None) -> tuple[int, dict, bytes]:
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if data else {}
+        headers = {**({"Content-Type": "application/json"} if data else {}), **(headers or {})}
         for attempt in (1, 2):
             conn = self._conn()
             try:

@@ -112,7 +112,8 @@ def main():
             done.append(t_done - t_kill)
             print(f"repeat {k + 1}: killed worker pid {pids[slot]} at step {killed_at_step}/{args.steps}; "
                   f"kill -> claimed {claimed[-1]:.2f} s, kill -> done {done[-1]:.2f} s "
-                  f"(attempts {h.get('attempts')}, done by pid {pid_of(h['worker'])})", flush=True)
+                  f"(attempts {h.get('attempts')}, done by pid {pid_of(h['worker'])}; load average "
+                  f"{os.getloadavg()[0]:.2f})", flush=True)
             s.start_worker(slot)
         stats = {k.decode(): float(v) for k, v in r.hgetall(f"{s.prefix}:stats").items()}
         r.close()

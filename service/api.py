@@ -264,6 +264,15 @@ def _size(params: dict, image, settings: Settings) -> dict:
 IDEMPOTENCY_KEY = "Idempotency-Key"
 
 
+class IdempotencyKeyReused(HTTPException):
+    """422: an Idempotency-Key came again with a different request. Every API face answers it with 422
+    (the OpenAI face too, in its error shape, param "Idempotency-Key")."""
+
+    def __init__(self, key: str, job_id: str):
+        super().__init__(422, f"{IDEMPOTENCY_KEY} {key!r} was already used with a different request (job {job_id}); "
+                              f"send a new key for a new request")
+
+
 def idempotency_of(request: Request, params: dict, inputs: dict) -> Optional[Idempotency]:
     """The request's Idempotency-Key with a fingerprint of what it asks for (path, fields as sent, uploads);
     None without the header. The same key from the same API key within the result TTL gets the job it made
@@ -295,8 +304,7 @@ async def submit(queue, settings: Settings, mode: str, params: dict, inputs: dic
         what = "queue full for this API key" if e.lane else "queue full"
         raise HTTPException(429, f"{what}: {e}; retry later", headers={"Retry-After": RETRY_AFTER})
     except IdempotencyConflict as e:
-        raise HTTPException(422, f"{IDEMPOTENCY_KEY} {idempotency.key!r} was already used with a different request "
-                                 f"(job {e.job_id}); send a new key for a new request")
+        raise IdempotencyKeyReused(idempotency.key, e.job_id)
 
 
 def _parameters(state: JobState) -> schemas.Parameters:

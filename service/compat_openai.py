@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import schemas
-from .api import (FORM_BODY, JSON_BODY, RETRY_AFTER, _error_message, _size, clear_detail, get_queue, idempotency_of,
-                  open_image, owner_of, read_image, submit, wait_for_result)
+from .api import (FORM_BODY, IDEMPOTENCY_KEY, JSON_BODY, RETRY_AFTER, IdempotencyKeyReused, _error_message, _size,
+                  clear_detail, get_queue, idempotency_of, open_image, owner_of, read_image, submit, wait_for_result)
 from .queue import QueueUnavailable
 from .settings import Settings
 
@@ -176,6 +176,10 @@ def router(settings: Settings) -> APIRouter:
                     return await handler(request)
                 except RequestValidationError as e:
                     return invalid(e.errors())
+                except IdempotencyKeyReused as e:  # 422, not mapped to 400: the issue of the key, not the body
+                    body = {"error": {"message": e.detail, "type": "invalid_request_error", "param": IDEMPOTENCY_KEY,
+                                      "code": "idempotency_key_reused"}}
+                    return JSONResponse(body, 422)
                 except StarletteHTTPException as e:
                     first = str(e.detail).split(" ")[0]
                     param = first if first in fields else None
