@@ -25,6 +25,21 @@ def test_compose_redis_api_and_scalable_gpu_worker():
     assert (ROOT / api["build"]["context"].replace("..", ".") / "Dockerfile").exists()
 
 
+def test_compose_runs_redis_with_the_persistence_the_reliability_tests_kill_it_under():
+    """Redis keeps what it acknowledged across a crash: AOF fsynced on every write, on a named volume (so
+    `docker compose down` / `up` keeps it too), with the flags tests/test_reliability.py's AOF Redis runs with."""
+    from test_reliability import RedisServer
+
+    redis = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]["redis"]
+    flags = dict(zip(redis["command"][1::2], redis["command"][2::2]))
+    tested = RedisServer(ROOT, aof=True).persistence
+    assert flags["--appendonly"] == "yes" and flags["--appendfsync"] == "always"
+    assert dict(zip(tested[0::2], tested[1::2])) == {k: flags[k] for k in ("--appendonly", "--appendfsync")}
+    (volume,) = redis["volumes"]
+    name, _, path = volume.partition(":")
+    assert path == "/data" and name in yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["volumes"]
+
+
 def test_dockerfile_non_root_with_healthcheck():
     lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
     users = [line for line in lines if line.startswith("USER ")]
