@@ -5,7 +5,7 @@ and to its end there, at the default settings (liveness TTL 5 s, visibility time
 
 Starts a private `redis-server` (free port, no persistence), the API (`sd serve --redis`) and two `sd worker`
 processes (bench/servers.py). One undisturbed job first (it warms both up and times a run). Then, each
-repeat: queue one txt2img job (POST /jobs/txt2img), wait until it is running and past its first step, find
+repeat: queue one txt2img job (POST /jobs/txt2img), wait until it is running at step --kill-at-step (50), find
 its worker from the job hash ({prefix}:job:{id}, field `worker`: the consumer name, which holds `-{pid}-`),
 SIGKILL that process, and read the job hash every --poll s (20 ms) until `worker` names the other worker
 with `status` running (kill -> claimed) and then until `status` is done (kill -> done: the takeover plus a
@@ -73,6 +73,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=150, help="steps of the job (the service allows at most 150)")
     ap.add_argument("--num-images", type=int, default=4, help="images of the job (the service allows at most 4)")
+    ap.add_argument("--kill-at-step", type=int, default=50, help="kill once the job has reported this step")
     ap.add_argument("--poll", type=float, default=0.02, help="seconds between reads of the job hash")
     ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for any one change")
     args = ap.parse_args()
@@ -95,7 +96,8 @@ def main():
         print(f"undisturbed run (warm-up, queue to done): {t1 - t0:.2f} s", flush=True)
         for k in range(args.repeats):
             job_id = submit(s, {**body, "seed": 100 + k})
-            _, h = poll(r, s.prefix, job_id, lambda h: h.get("status") == "running" and int(h.get("step") or 0) >= 1,
+            _, h = poll(r, s.prefix, job_id, lambda h: h.get("status") == "running" and
+                        int(h.get("step") or 0) >= args.kill_at_step,
                         args.timeout, args.poll)
             victim_name = h["worker"]
             pids = [p.pid for p in s.worker_procs]
