@@ -357,7 +357,8 @@ def chaos_main(args) -> None:
     print(f"worker stats (this run): {done_key} {delta(done_key):g} for {args.requests} requests; "
           f"sd_jobs_reclaimed_total {delta('sd_jobs_reclaimed_total'):g}; sd_results_dropped_total "
           f"{delta('sd_results_dropped_total'):g}; {failed_key} {delta(failed_key):g}; queue depth at the end {depth}")
-    print(f"worker kills: {chaos.kills}; Redis kills: 1")
+    print(f"worker kills: {chaos.kills}; Redis kills: 1" + ("" if chaos.kills else
+          f"  (NO worker was killed: the run took {wall:.0f} s, less than --kill-every {args.kill_every:g} s)"))
     for name, k in (("API", 0), ("worker 0", 1), ("worker 1", 2)):
         row = []
         for m in ("start", "half", "end"):
