@@ -18,7 +18,8 @@ HISTOGRAMS = {  # name: (help, bucket upper bounds)
 }
 COUNTERS = {
     "sd_jobs_total": "Jobs that reached an end state, by status.",
-    "sd_jobs_reclaimed_total": "Job runs taken over from a dead worker, or run again after their worker lost the queue.",
+    "sd_jobs_reclaimed_total": "Job runs taken over from a dead worker, or run again after their worker lost "
+                               "the queue.",
     "sd_results_dropped_total": "Results a worker did not store because another worker had taken its job over.",
 }
 

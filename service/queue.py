@@ -562,7 +562,8 @@ return out
 # Returns {'ok', the job hash}, or {'skip'} (cancelled while queued, or expired: the entry is acknowledged),
 # or {'failed'} (out of attempts, or its inputs expired: failed and acknowledged).
 _START = _LUA_COMMON + """
-local lane, entry, id, me, now, max_attempts, ttl = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local lane, entry, id, me, now, ttl = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[8]
+local max_attempts = tonumber(ARGV[7])
 local job = P .. ':job:' .. id
 local status = redis.call('HGET', job, 'status')
 if status ~= 'queued' and status ~= 'running' then ack(lane, entry) return {'skip'} end
@@ -576,7 +577,9 @@ if redis.call('HINCRBY', job, 'attempts', 1) > max_attempts then
   return fail('gave up after ' .. max_attempts .. ' attempts (worker lost)')
 end
 for name in string.gmatch(redis.call('HGET', job, 'inputs') or '', '[^,]+') do
-  if redis.call('EXISTS', P .. ':input:' .. id .. ':' .. name) == 0 then return fail("the job's input images expired") end
+  if redis.call('EXISTS', P .. ':input:' .. id .. ':' .. name) == 0 then
+    return fail("the job's input images expired")
+  end
 end
 redis.call('HSET', job, 'status', 'running', 'started', now, 'step', 0, 'worker', me)
 return {'ok', redis.call('HGETALL', job)}

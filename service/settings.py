@@ -58,7 +58,8 @@ class Settings:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.queue_limit_per_key < 0:
-            raise ValueError(f"queue_limit_per_key must be >= 0 (0: no per-key limit), got {self.queue_limit_per_key!r}")
+            raise ValueError(f"queue_limit_per_key must be >= 0 (0: no per-key limit), "
+                             f"got {self.queue_limit_per_key!r}")
         if self.batch_window < 0:
             raise ValueError(f"batch_window must be >= 0, got {self.batch_window!r}")
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
