@@ -415,9 +415,13 @@ def _count_end(status: str) -> dict:
 
 
 def _latency(state: JobState) -> dict:
+    return _latency_since(state.created) if state.status == "done" else {}
+
+
+def _latency_since(created: float) -> dict:
     from .metrics import observe
 
-    return observe("sd_job_seconds", max(0.0, time.time() - state.created)) if state.status == "done" else {}
+    return observe("sd_job_seconds", max(0.0, time.time() - created))
 
 
 # -----------------------------------------------------------------------------
@@ -447,6 +451,10 @@ local function ack(lane, entry)
     redis.call('SREM', P .. ':lanes', lane)
     redis.call('LREM', P .. ':ready', 0, lane)
   end
+end
+-- add metric samples (a JSON object name -> increment) to the stats hash, in the step they count
+local function count(stats)
+  for name, value in pairs(cjson.decode(stats)) do redis.call('HINCRBYFLOAT', P .. ':stats', name, value) end
 end
 -- the job reached an end state: its inputs go, its waiters wake, everything of it expires in ttl s
 local function ended(id, ttl)
@@ -517,7 +525,7 @@ return out
 # Entries for consumer ARGV[2] to run again, up to ARGV[5]: those of consumers whose liveness key is gone
 # (idle at least ARGV[3] ms: so two workers never both claim one), its own pending entries but the ones it
 # holds (ARGV[6..]: runs it is still on), and any entry idle longer than ARGV[4] ms (the visibility timeout).
-# Returns {lane, entry, job id, ...} as _TAKE.
+# Returns {lane, entry, job id, ...} as _TAKE, and counts them (sd_jobs_reclaimed_total).
 _RECLAIM = _LUA_COMMON + """
 local me, dead_idle, visibility, max = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local held, nheld, out, n = {}, 0, {}, 0
@@ -555,12 +563,13 @@ for _, lane in ipairs(redis.call('SMEMBERS', P .. ':lanes')) do
     end
   end
 end
+if n > 0 then redis.call('HINCRBYFLOAT', P .. ':stats', 'sd_jobs_reclaimed_total', n) end
 return out
 """
 
 # Consumer ARGV[5] starts running job ARGV[4] (its entry ARGV[3] in lane ARGV[2]) at time ARGV[6].
 # Returns {'ok', the job hash}, or {'skip'} (cancelled while queued, or expired: the entry is acknowledged),
-# or {'failed'} (out of attempts, or its inputs expired: failed and acknowledged).
+# or {'failed'} (out of ARGV[7] attempts, or its inputs expired: failed, counted with ARGV[9], acknowledged).
 _START = _LUA_COMMON + """
 local lane, entry, id, me, now, ttl = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[8]
 local max_attempts = tonumber(ARGV[7])
@@ -571,6 +580,7 @@ local function fail(error)
   redis.call('HSET', job, 'status', 'failed', 'error', error, 'error_kind', 'error', 'finished', now)
   ended(id, ttl)
   ack(lane, entry)
+  count(ARGV[9])
   return {'failed'}
 end
 if redis.call('HINCRBY', job, 'attempts', 1) > max_attempts then
@@ -603,31 +613,36 @@ return out
 """
 
 # Consumer ARGV[5] ends its run (lane ARGV[2], entry ARGV[3]) of job ARGV[4]: action ARGV[6] at time ARGV[8],
-# keeping what ends for ARGV[7] s. Fenced: a job another worker runs now is left alone ({'lost'}).
-#   done     ARGV[9] = n, ARGV[10 .. 9+n] the PNGs, ARGV[10+n] the params (JSON)
-#   failed   ARGV[9] = error, ARGV[10] = kind
-#   retry    ARGV[9] = error: queued again, in a new entry
+# keeping what ends for ARGV[7] s; the metric samples ARGV[9] (JSON) are added when the action takes effect
+# (so a crash cannot end a job uncounted). Fenced: a job another worker runs now is left alone ({'lost'}).
+#   done     ARGV[10] = n, ARGV[11 .. 10+n] the PNGs, ARGV[11+n] the params (JSON)
+#   failed   ARGV[10] = error, ARGV[11] = kind
+#   retry    ARGV[10] = error: queued again, in a new entry
 #   release  queued again, this attempt not counted
-#   ack      just acknowledge (the worker stopped a cancelled job)
+#   ack      just acknowledge (the worker stopped a job that was cancelled: counted then)
 # A job no longer running (cancelled, expired) only has its entry acknowledged. Returns {what happened}.
 _END = _LUA_COMMON + """
 local lane, entry, id, me, action, ttl, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local job = P .. ':job:' .. id
 local status, worker = redis.call('HGET', job, 'status'), redis.call('HGET', job, 'worker')
 if status and worker ~= me then return {'lost'} end
-if action == 'ack' or status ~= 'running' then ack(lane, entry) return {status or 'gone'} end
+if action == 'ack' or status ~= 'running' then
+  ack(lane, entry)
+  if action == 'ack' and status == 'cancelled' then count(ARGV[9]) end
+  return {status or 'gone'}
+end
 if action == 'done' then
-  local n = tonumber(ARGV[9])
-  for k = 0, n - 1 do redis.call('SET', P .. ':result:' .. id .. ':' .. k, ARGV[10 + k], 'EX', ttl) end
-  redis.call('HSET', job, 'status', 'done', 'images', n, 'finished', now, 'params', ARGV[10 + n],
+  local n = tonumber(ARGV[10])
+  for k = 0, n - 1 do redis.call('SET', P .. ':result:' .. id .. ':' .. k, ARGV[11 + k], 'EX', ttl) end
+  redis.call('HSET', job, 'status', 'done', 'images', n, 'finished', now, 'params', ARGV[11 + n],
              'step', redis.call('HGET', job, 'total') or '0')
   ended(id, ttl)
 elseif action == 'failed' then
-  redis.call('HSET', job, 'status', 'failed', 'error', ARGV[9], 'error_kind', ARGV[10], 'finished', now)
+  redis.call('HSET', job, 'status', 'failed', 'error', ARGV[10], 'error_kind', ARGV[11], 'finished', now)
   ended(id, ttl)
 elseif action == 'retry' or action == 'release' then
   if action == 'retry' then
-    redis.call('HSET', job, 'status', 'queued', 'error', ARGV[9], 'step', 0)
+    redis.call('HSET', job, 'status', 'queued', 'error', ARGV[10], 'step', 0)
   else
     redis.call('HSET', job, 'status', 'queued', 'started', '', 'worker', '')
     redis.call('HINCRBY', job, 'attempts', -1)
@@ -637,6 +652,7 @@ elseif action == 'retry' or action == 'release' then
   return {'queued'}
 end
 ack(lane, entry)
+count(ARGV[9])
 return {action}
 """
 
@@ -839,10 +855,6 @@ class RedisQueue:
             held = [f"{lane}/{entry}" for lane, entry in self._held]
         entries = _triples(self._script("reclaim", consumer, self.liveness_ms // 2, self.visibility_ms, max_jobs,
                                         *held))
-        if entries:
-            from .metrics import count
-
-            self.record({k: float(len(entries)) for k in count("sd_jobs_reclaimed_total")})
         if len(entries) < max_jobs:
             entries += self._read(consumer, max_jobs - len(entries))
         deadline = time.monotonic() + block
@@ -863,9 +875,7 @@ class RedisQueue:
 
     def _start(self, lane: str, entry: str, job_id: str, consumer: str) -> Optional[Job]:
         started = self._script("start", lane, entry, job_id, consumer, time.time(), self.max_attempts,
-                               self.result_ttl)
-        if started[0] == b"failed":
-            self.record(_count_end("failed"))
+                               self.result_ttl, json.dumps(_count_end("failed")))
         if started[0] != b"ok":
             return None
         h = dict(zip(started[1][0::2], started[1][1::2]))
@@ -883,11 +893,11 @@ class RedisQueue:
         statuses = self._script("progress", consumer, step, total, *[j.id for j in jobs])
         return {j.id for j, s in zip(jobs, statuses) if s != b"running"}
 
-    def _end(self, job: Job, action: str, *args) -> str:
+    def _end(self, job: Job, action: str, stats: dict, *args) -> str:
         """Run the _END script for the worker that started this run of the job (job.worker)."""
         try:
             got = self._script("end", job.lane, job.entry, job.id, job.worker, action, self.result_ttl, time.time(),
-                               *args)
+                               json.dumps(stats), *args)
         finally:
             with self._held_lock:
                 self._held.pop((job.lane, job.entry), None)
@@ -899,29 +909,23 @@ class RedisQueue:
         return what
 
     def finish(self, job: Job, pngs: list[bytes]) -> None:
-        r = self._redis()
-        if self._end(job, "done", len(pngs), *pngs, json.dumps(job.params)) == "done":
-            state = JobState.from_hash(r.hgetall(self._job(job.id)))
-            self.record({**_count_end("done"), **_latency(state)})
+        stats = {**_count_end("done"), **_latency_since(job.created)}
+        self._end(job, "done", stats, len(pngs), *pngs, json.dumps(job.params))
 
     def fail(self, job: Job, error: str, *, retry: bool, kind: str = "error") -> str:
         """Mark the job failed, or queue it again when `retry` and it has runs left. Returns its status."""
         if retry and job.attempts < self.max_attempts:
-            return self._end(job, "retry", error)
-        what = self._end(job, "failed", error, kind)
-        if what == "failed":
-            self.record(_count_end("failed"))
-        return what
+            return self._end(job, "retry", {}, error)
+        return self._end(job, "failed", _count_end("failed"), error, kind)
 
     def cancelled(self, job: Job) -> None:
         """The worker stopped a cancelled job (its state already says so)."""
-        if self._end(job, "ack") == "cancelled":
-            self.record(_count_end("cancelled"))
+        self._end(job, "ack", _count_end("cancelled"))
 
     def release(self, jobs: list[Job]) -> None:
         """Give jobs this worker took but will not run back to the queue (at the end of their lanes)."""
         for job in jobs:
-            self._end(job, "release")
+            self._end(job, "release", {})
 
     def abandon(self, jobs: list[Job]) -> None:
         """The worker stopped these jobs without ending them (Redis failed under it). Nothing is sent (Redis may
