@@ -56,36 +56,46 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def soak(service: Service, requests: int, clients: int, steps: int, on_half) -> tuple[list, collections.Counter]:
-    """Every request's latency (successes only) and a count of outcomes ("ok" or what went wrong)."""
-    latencies, outcomes, lock = [], collections.Counter(), threading.Lock()
+def run_clients(requests: int, clients: int, on_half, one) -> None:
+    """`clients` threads send requests 0 .. requests-1 (one(i) each) from one shared iterator: each request
+    number is sent once, by whichever client is free; on_half() is called when request requests // 2 is sent."""
     sent = iter(range(requests))
     half = threading.Event()
 
     def client():
-        for i in sent:  # one shared iterator: each request number is sent once, by whichever client is free
+        for i in sent:
             if i == requests // 2 and not half.is_set():
                 half.set()
                 on_half()
-            b = {**body(i, steps), "seed": 1000 + i}
-            t = time.perf_counter()
-            try:
-                status, headers, data = service.client.request("POST", "/txt2img", b)
-                ok = status == 200 and data.startswith(PNG) and headers.get("x-seed") == str(b["seed"])
-                outcome = "ok" if ok else f"{status}" if status != 200 else "200 but wrong answer"
-            except Exception as e:  # noqa: BLE001
-                outcome = type(e).__name__
-            elapsed = time.perf_counter() - t
-            with lock:
-                outcomes[outcome] += 1
-                if outcome == "ok":
-                    latencies.append(elapsed)
+            one(i)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+
+
+def soak(service: Service, requests: int, clients: int, steps: int, on_half) -> tuple[list, collections.Counter]:
+    """Every request's latency (successes only) and a count of outcomes ("ok" or what went wrong)."""
+    latencies, outcomes, lock = [], collections.Counter(), threading.Lock()
+
+    def one(i: int) -> None:
+        b = {**body(i, steps), "seed": 1000 + i}
+        t = time.perf_counter()
+        try:
+            status, headers, data = service.client.request("POST", "/txt2img", b)
+            ok = status == 200 and data.startswith(PNG) and headers.get("x-seed") == str(b["seed"])
+            outcome = "ok" if ok else f"{status}" if status != 200 else "200 but wrong answer"
+        except Exception as e:  # noqa: BLE001
+            outcome = type(e).__name__
+        elapsed = time.perf_counter() - t
+        with lock:
+            outcomes[outcome] += 1
+            if outcome == "ok":
+                latencies.append(elapsed)
+
+    run_clients(requests, clients, on_half, one)
     return latencies, outcomes
 
 
@@ -217,11 +227,9 @@ def chaos_soak(service: Service, requests: int, clients: int, steps: int, deadli
     """Every request's record: outcome, latency (first send to final answer), retries, the job ids seen,
     the statuses answered."""
     records, lock = [], threading.Lock()
-    sent = iter(range(requests))
-    half = threading.Event()
     run = secrets.token_hex(4)
 
-    def one(i: int) -> dict:
+    def one(i: int) -> None:
         b = {**body(i, steps), "seed": seed0 + i}
         key = f"chaos-{run}-{i}"
         t = time.perf_counter()
@@ -260,22 +268,10 @@ def chaos_soak(service: Service, requests: int, clients: int, steps: int, deadli
             time.sleep(pause)
             rec["retries"] += 1
         rec["latency"] = time.perf_counter() - t
-        return rec
+        with lock:
+            records.append(rec)
 
-    def client():
-        for i in sent:
-            if i == requests // 2 and not half.is_set():
-                half.set()
-                on_half()
-            rec = one(i)
-            with lock:
-                records.append(rec)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_clients(requests, clients, on_half, one)
     return sorted(records, key=lambda r: r["i"])
 
 
