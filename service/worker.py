@@ -253,15 +253,13 @@ def start_in_thread(pipe, queue, settings) -> tuple[Worker, threading.Thread, th
 
 def main(settings) -> int:
     """`sd worker`: load the model once, then work until SIGTERM/SIGINT."""
-    from .queue import RedisQueue
+    from .queue import make_queue
 
     if not settings.redis_url:
         print("sd worker: --redis URL (or SD_REDIS_URL) is required", flush=True)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    queue = RedisQueue(settings.redis_url, prefix=settings.key_prefix, result_ttl=settings.result_ttl,
-                       max_attempts=settings.max_attempts, visibility_timeout=settings.visibility_timeout,
-                       liveness_ttl=settings.liveness_ttl)
+    queue = make_queue(settings)  # a RedisQueue: there is a Redis URL
     worker = Worker(load_pipeline(settings), queue, settings)
     stop = threading.Event()
     signals = itertools.count()

@@ -6,13 +6,16 @@ Retries without duplicates, and no API key starving another (docs/reliability.md
     the first still waits; the same key with another body is refused (422 naming the header); another API
     key's same key is its own;
   - fair taking: key A queues 40 jobs, then key B one; B's job ends before A's tenth;
-  - a per-key limit (queue_limit_per_key): 429 with Retry-After for that key alone.
+  - a per-key limit (queue_limit_per_key): 429 with Retry-After for that key alone;
+  - a synchronous client with an Idempotency-Key that hangs up keeps its job, and its retry gets the image.
 
 A private redis-server, uvicorn on loopback, the tiny random model in a worker thread of this process.
 """
 
 import io
+import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -145,3 +148,23 @@ def test_the_per_key_limit_refuses_that_key_alone(redis_server, tiny_weights):
             assert c.post("/jobs/txt2img", json={"prompt": "x", "seed": 1},
                           headers=auth(KEYS[1])).status_code == 202  # key B is not affected
             assert len(s.jobs()) == 4
+
+
+def test_a_client_with_an_idempotency_key_that_hangs_up_can_come_back_for_its_image(redis_server, tiny_weights,
+                                                                                    tiny_pipe):
+    """Without a key a hung-up client's job is cancelled (test_reliability); with one, the client declared it
+    will retry: the job stays, and the retry waits for it and gets its image."""
+    with Service(redis_server, tiny_weights) as s:  # no worker yet: the job waits in the queue
+        body = b'{"prompt": "a job to come back for", "seed": 5, "steps": 2}'
+        with socket.create_connection(("127.0.0.1", s.server.server.config.port)) as conn:
+            conn.sendall(b"POST /txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Idempotency-Key: come-back-1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_until(lambda: [j["status"] for j in s.jobs().values()] == ["queued"], what="the job to queue")
+        (job_id,) = s.jobs()
+        time.sleep(1.5)  # three of the API's 0.5 s connection checks
+        assert s.job(job_id)["status"] == "queued"  # not cancelled
+        s.thread_worker(tiny_pipe, "w")
+        r = s.http.post("/txt2img", content=body, headers={"Content-Type": "application/json",
+                                                           "Idempotency-Key": "come-back-1"})
+        assert r.status_code == 200 and r.headers["x-job-id"] == job_id and r.content.startswith(b"\x89PNG")
+        assert len(s.jobs()) == 1

@@ -38,7 +38,7 @@ import pytest
 import redis
 
 from service.api import create_app
-from service.queue import RedisQueue
+from service.queue import RedisQueue, make_queue
 from service.settings import Settings
 from service.worker import Worker
 from test_service_http import Server
@@ -180,8 +180,7 @@ class Service:
     def thread_worker(self, pipe, name: str, **settings) -> tuple[Worker, threading.Thread]:
         """A worker in a thread of this process (the worker code of `sd worker`, on a pipeline the test holds)."""
         settings = dataclasses.replace(self.settings, **settings)
-        queue = RedisQueue(self.redis_server.url, prefix=self.prefix, max_attempts=settings.max_attempts,
-                           visibility_timeout=settings.visibility_timeout, liveness_ttl=settings.liveness_ttl)
+        queue = make_queue(settings)  # the settings' Redis and prefix, as `sd worker` makes it
         worker, stop = Worker(pipe, queue, settings, name=name), threading.Event()
         thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
         thread.start()
