@@ -392,8 +392,10 @@ def test_redis_killed_and_restarted_from_its_aof_every_accepted_job_ends_done_on
         ids = [r.json()["id"] for r in accepted]
         waiting = [{"prompt": PROMPTS[i], "seed": 200 + i, "steps": 150} for i in range(2)]
         threads, answers = post_all(s.url, "/txt2img", waiting)  # synchronous clients, waiting through it all
-        wait_until(lambda: sum(j["status"] == "running" and int(j["step"]) > 0 for j in s.jobs().values()) >= 2,
-                   what="jobs to run")
+        def accepted_and_running():  # all ten accepted (the waiting ones too), some of them running
+            jobs = s.jobs()
+            return len(jobs) == 10 and sum(j["status"] == "running" and int(j["step"]) > 0 for j in jobs.values()) >= 2
+        wait_until(accepted_and_running, what="every job accepted, some running")
         aof_redis.stop(signal.SIGKILL)  # no shutdown: what it has is what its AOF has
         in_flight = time.time()
         time.sleep(1.0)
