@@ -467,7 +467,9 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
 
     app = FastAPI(title="Stable Diffusion from scratch", version="0.1.0", lifespan=lifespan,
                   description="txt2img, img2img and inpainting on a batching GPU worker. Errors are "
-                              '`{"detail": "..."}`. Seeds left out are drawn at random and reported.')
+                              '`{"detail": "..."}`. Seeds left out are drawn at random and reported. Every POST '
+                              "that makes jobs takes an `Idempotency-Key` header: a retry with the same key (and "
+                              "the same request) gets the job the first send made, never a second one.")
     app.state.settings = settings
     app.state.requests = collections.Counter()
     app.state.worker = None
