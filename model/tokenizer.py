@@ -9,7 +9,8 @@ CLIP's byte-level BPE tokenizer, as Stable Diffusion 1.x uses it (openai/clip-vi
 The cleanup is what transformers' slow CLIPTokenizer does when ftfy is not installed (BERT's
 BasicTokenizer without accent stripping or punctuation splitting), so ids equal
 `transformers.CLIPTokenizer(...)(text, padding="max_length", max_length=77, truncation=True)`.
-`train_bpe` builds a CLIP-style vocabulary + merges from a corpus of captions.
+The vocabulary and merges come from vocab.json + merges.txt or from tokenizer.json (the one file today's
+transformers saves). `train_bpe` builds a CLIP-style vocabulary + merges from a corpus of captions.
 """
 
 import heapq
@@ -169,18 +170,18 @@ class CLIPTokenizer:
 
     @classmethod
     def from_dir(cls, path) -> "CLIPTokenizer":
-        """Load vocab.json + merges.txt (an optional "#version" first line, then "a b" per line; at most
-        CLIP's 48894 merges are used, as openai/CLIP and transformers do) and, when present,
-        tokenizer_config.json / special_tokens_map.json for the pad token and max length."""
+        """Load vocab.json + merges.txt (an optional "#version" first line, then "a b" per line), or else
+        tokenizer.json (the fast-tokenizer file today's transformers writes alone: the same vocabulary and
+        merges inside, under "model"); at most CLIP's 48894 merges are used, as openai/CLIP and transformers
+        do. When present, tokenizer_config.json / special_tokens_map.json give the pad token and max length."""
         path = str(path)
-        with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
-            lines = f.read().strip().split("\n")
-        if lines and lines[0].startswith("#version"):
-            lines = lines[1:]
-        merges = [tuple(line.split()) for line in lines[:MAX_MERGES]]
-        merges = [m for m in merges if len(m) == 2]
+        if os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")):
+            vocab, merges = _read_vocab_and_merges(path)
+        elif os.path.isfile(os.path.join(path, "tokenizer.json")):
+            vocab, merges = _read_tokenizer_json(os.path.join(path, "tokenizer.json"))
+        else:
+            raise FileNotFoundError(f"no tokenizer in {path}: neither vocab.json + merges.txt nor tokenizer.json")
+        merges = [m for m in merges[:MAX_MERGES] if len(m) == 2]
         config = _read_json(os.path.join(path, "tokenizer_config.json"))
         pad = config.get("pad_token")
         if "added_tokens_decoder" not in config:  # transformers then lets special_tokens_map.json win
@@ -281,6 +282,33 @@ class CLIPTokenizer:
 
     def __len__(self) -> int:
         return len(self.vocab)
+
+
+def has_tokenizer(path) -> bool:
+    """Whether `path` holds the files CLIPTokenizer.from_dir reads."""
+    path = str(path)
+    return (os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt"))
+            or os.path.isfile(os.path.join(path, "tokenizer.json")))
+
+
+def _read_vocab_and_merges(path: str) -> tuple[dict[str, int], list[tuple]]:
+    with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
+        lines = f.read().strip().split("\n")
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    return vocab, [tuple(line.split()) for line in lines]
+
+
+def _read_tokenizer_json(file: str) -> tuple[dict[str, int], list[tuple]]:
+    """vocab and merges of a tokenizers-library file: {"model": {"type": "BPE", "vocab": {...}, "merges": [...]}},
+    each merge "a b" (tokenizers before 0.20) or ["a", "b"] (since)."""
+    model = _read_json(file).get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise ValueError(f"{file}: not a byte-level BPE tokenizer (model type {model.get('type')!r})")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    return model["vocab"], merges
 
 
 def _read_json(path: str) -> dict:

@@ -6,7 +6,7 @@ load(path) understands three layouts and tells them apart by looking at the path
   native folder     config.json {"format": "sd-from-scratch", "format_version": 1,
                                  "text_encoder": {...}, "vae": {...}, "unet": {...}}   (the three configs' to_dict())
                     text_encoder.safetensors, vae.safetensors, unet.safetensors          (native state_dict keys)
-                    vocab.json, merges.txt [, tokenizer_config.json], scheduler_config.json
+                    vocab.json, merges.txt (or tokenizer.json) [, tokenizer_config.json], scheduler_config.json
   diffusers folder  model_index.json, unet/ vae/ text_encoder/ tokenizer/ scheduler/, each model folder with
                     config.json and diffusion_pytorch_model.safetensors | model.safetensors | *.bin (| sharded)
   one file          an original (CompVis / AUTOMATIC1111) SD 1.x checkpoint, .safetensors or .ckpt:
@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.clip import CLIPTextConfig, CLIPTextModel
-from model.tokenizer import CLIPTokenizer
+from model.tokenizer import CLIPTokenizer, has_tokenizer
 from model.unet import UNet, UNetConfig
 from model.vae import AutoencoderKL, VAEConfig
 
@@ -386,17 +386,18 @@ def infer_clip_config(state):
 
 
 def _tokenizer(tokenizer, folders, source):
-    """The tokenizer= argument (a CLIPTokenizer or a folder), else the first folder with vocab.json + merges.txt."""
+    """The tokenizer= argument (a CLIPTokenizer or a folder), else the first folder with vocab.json + merges.txt
+    or tokenizer.json."""
     if isinstance(tokenizer, CLIPTokenizer):
         return tokenizer
     if tokenizer is not None:
         folders = [Path(tokenizer)]
     for folder in folders:
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        if has_tokenizer(folder):
             return CLIPTokenizer.from_dir(folder)
     where = " or ".join(str(f) for f in folders)
-    raise WeightsError(f"{source}: no tokenizer: found no vocab.json + merges.txt in {where}. Pass tokenizer= "
-                       f"(a folder with vocab.json and merges.txt, e.g. the tokenizer/ folder of "
+    raise WeightsError(f"{source}: no tokenizer: found neither vocab.json + merges.txt nor tokenizer.json in "
+                       f"{where}. Pass tokenizer= (a folder with them, e.g. the tokenizer/ folder of "
                        f"stable-diffusion-v1-5, or a CLIPTokenizer)")
 
 # -----------------------------------------------------------------------------
@@ -555,8 +556,8 @@ def load(path, *, device="cpu", dtype=torch.float32, tokenizer=None):
     """
     Tokenizer, text encoder, VAE, UNet (on device, in dtype, eval mode) and scheduler config from a native
     folder, a diffusers-layout folder or one original SD 1.x checkpoint file. tokenizer (a folder with
-    vocab.json + merges.txt, or a CLIPTokenizer) replaces the one stored with the weights; single files
-    have none, so it is then required unless vocab.json + merges.txt (or tokenizer/) sit beside the file.
+    vocab.json + merges.txt or tokenizer.json, or a CLIPTokenizer) replaces the one stored with the weights;
+    single files have none, so it is then required unless those files (or tokenizer/) sit beside the file.
     A single file's scheduler config is SD 1.x's training schedule, SD1_SCHEDULER_CONFIG.
     """
     path = Path(path)

@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv = _subparser(sub, "convert", "convert a diffusers dir or original checkpoint to the native layout")
     conv.add_argument("src", help="a diffusers folder, or one original .safetensors/.ckpt file")
     conv.add_argument("dst", help="the native weights folder to write")
-    conv.add_argument("--tokenizer", default=None, help="dir with vocab.json + merges.txt (single files carry none)")
+    conv.add_argument("--tokenizer", default=None, help="dir with vocab.json + merges.txt or tokenizer.json "
+                      "(single files carry none)")
     comp = _subparser(sub, "compile", "compile the UNet ahead of time for this machine, per image size and batch")
     comp.add_argument("weights", help="the weights to compile (native dir, diffusers dir or one file)")
     comp.add_argument("--sizes", default=None, help="image sizes WxH, comma-separated (default: the native size)")

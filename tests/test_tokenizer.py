@@ -252,3 +252,36 @@ def test_stdlib_regex_equals_clip_regex():
     for s in STRINGS:
         s = s.lower().replace("\u0345", " ")  # as pre_tokenize does
         assert ours.findall(s) == clip.findall(s)
+
+
+def test_tokenizer_json_alone_as_the_fast_tokenizer_saves_it(tmp_path):
+    """A folder with tokenizer.json only (what today's transformers writes; here CLIPTokenizerFast with
+    legacy_format=False) loads the same vocabulary, merges and pad token as vocab.json + merges.txt, so the
+    same ids; and the fast tokenizer's own ids on the 80 fixture prompts. (The fast tokenizer's normalizer
+    is not the slow one's: on edge text - CJK spacing, control characters, final sigma - it differs from
+    transformers' slow CLIPTokenizer, which ours follows; see test_ids_match_transformers.)"""
+    from tokenizer_fixtures import PROMPTS
+
+    for pad in (EOS, "!"):  # SD 1.x's tokenizer, and SD 2.x / SDXL's second one that pads with "!"
+        legacy = make_tokenizer_dir(tmp_path / f"legacy-{len(pad)}", pad_token=pad)
+        fast = transformers.CLIPTokenizerFast.from_pretrained(str(legacy))
+        fast.save_pretrained(str(tmp_path / f"fast-{len(pad)}"), legacy_format=False)
+        folder = tmp_path / f"fast-{len(pad)}"
+        assert not (folder / "vocab.json").exists() and (folder / "tokenizer.json").exists()
+        tok, ref = CLIPTokenizer.from_dir(folder), CLIPTokenizer.from_dir(legacy)
+        assert (tok.vocab, tok.merges, tok.pad_token) == (ref.vocab, ref.merges, pad)
+        assert torch.equal(tok(STRINGS), ref(STRINGS))
+        assert torch.equal(tok(PROMPTS), reference_tensor(fast, PROMPTS))
+
+    # merges as "a b" strings (tokenizers before 0.20) read the same as ["a", "b"] pairs
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    assert CLIPTokenizer.from_dir(folder).merges == ref.merges
+    # not a BPE tokenizer, or no tokenizer at all: a clear error
+    data["model"]["type"] = "WordPiece"
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="not a byte-level BPE tokenizer"):
+        CLIPTokenizer.from_dir(folder)
+    with pytest.raises(FileNotFoundError, match="neither vocab.json"):
+        CLIPTokenizer.from_dir(tmp_path)

@@ -154,6 +154,23 @@ def test_legacy_vae_attention_names(ref_dir, tmp_path):
     same_tensors(load(tmp_path / "sd"), load(path))
 
 
+def test_diffusers_dir_with_a_fast_tokenizer_only(ref_dir, tmp_path):
+    """A folder whose tokenizer/ holds tokenizer.json and no vocab.json / merges.txt, as today's transformers
+    saves it, loads with the same tokenizer (it was refused)."""
+    import transformers
+
+    ref, path = ref_dir
+    shutil.copytree(path, tmp_path / "sd")
+    shutil.rmtree(tmp_path / "sd" / "tokenizer")
+    fast = transformers.CLIPTokenizerFast.from_pretrained(str(path / "tokenizer"))
+    fast.save_pretrained(str(tmp_path / "sd" / "tokenizer"), legacy_format=False)
+    assert not (tmp_path / "sd" / "tokenizer" / "vocab.json").exists()
+    c, stored = load(tmp_path / "sd"), load(path)
+    assert (c.tokenizer.vocab, c.tokenizer.merges, c.tokenizer.pad_token) == \
+        (stored.tokenizer.vocab, stored.tokenizer.merges, stored.tokenizer.pad_token)
+    assert_matches_reference(c, ref)
+
+
 def test_tokenizer_argument_replaces_stored_one(ref_dir, tmp_path):
     tok = CLIPTokenizer.from_dir(ref_dir[1] / "tokenizer")
     assert load(ref_dir[1], tokenizer=tok).tokenizer is tok
