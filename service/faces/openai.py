@@ -25,11 +25,13 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import schemas
-from .api import (FORM_BODY, IDEMPOTENCY_KEY, JSON_BODY, RETRY_AFTER, IdempotencyKeyReused, _error_message, _size,
-                  clear_detail, get_queue, idempotency_of, open_image, owner_of, read_image, submit, wait_for_result)
-from .queue import QueueUnavailable
-from .settings import Settings
+from .. import schemas
+from ..errors import RETRY_AFTER, clear_detail, error_message
+from ..jobs import (IDEMPOTENCY_KEY, IdempotencyKeyReused, get_queue, idempotency_of, owner_of, submit,
+                    wait_for_result)
+from ..queue import QueueUnavailable
+from ..settings import Settings
+from ..uploads import FORM_BODY, JSON_BODY, open_image, read_image, size_from_image
 
 DEFAULT_MODEL = "sd-from-scratch"
 EXTENSIONS = ("negative_prompt", "steps", "guidance_scale", "sampler", "seed")  # native fields, passed through
@@ -70,6 +72,11 @@ def error(status: int, message: str, param: Optional[str] = None, code: Optional
                                                     "invalid_request_error", None))
     body = {"error": {"message": message, "type": kind, "param": param, "code": code or default_code}}
     return JSONResponse(body, status, headers=headers)
+
+
+def unauthorized(message: str, headers: dict) -> JSONResponse:
+    """The 401 of a request under /v1 without a valid key, in OpenAI's shape (api.RequireKey answers it)."""
+    return error(401, message, headers=headers)
 
 
 def size_of(size: Optional[str], settings: Settings) -> tuple[Optional[int], Optional[int]]:
@@ -165,7 +172,7 @@ def router(settings: Settings) -> APIRouter:
         loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "header")]
         param = loc[0] if loc and err.get("type") != "json_invalid" else None  # json_invalid: loc is an offset
         code = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}.get(err.get("type"))
-        return error(400, "; ".join(_error_message(e, rules) for e in errors), param, code)
+        return error(400, "; ".join(error_message(e, rules) for e in errors), param, code)
 
     class OpenAIErrors(APIRoute):
         def get_route_handler(self):
@@ -240,7 +247,7 @@ def router(settings: Settings) -> APIRouter:
             inputs["mask"] = repaint_mask(await mask.read(), img, settings)
         elif not has_alpha(img):
             raise HTTPException(422, "mask is required: the image has no transparent pixels to repaint")
-        params = _size(native_params(body, "inpaint"), img, settings)
+        params = size_from_image(native_params(body, "inpaint"), img, settings)
         state = await submit(queue, settings, "inpaint", params, inputs, owner_of(request),
                              idempotency_of(request, params, inputs))
         return await answer(request, body, state)

@@ -31,11 +31,12 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import schemas
-from .api import (ERRORS, JSON_BODY, SYNC_ERRORS, _error_message, _size, idempotency_of, open_image, owner_of, submit,
-                  wait_for_result)
-from .queue import ENDED
-from .settings import Settings
+from .. import schemas
+from ..errors import ERRORS, SYNC_ERRORS, error_message
+from ..jobs import idempotency_of, owner_of, submit, wait_for_result
+from ..queue import ENDED
+from ..settings import Settings
+from ..uploads import JSON_BODY, open_image, size_from_image
 
 # the web UI's sampler names -> this project's
 SAMPLERS = {"DDIM": "ddim", "DDPM": "ddpm", "Euler": "euler", "Euler a": "euler_a", "DPM++ 2M": "dpmpp_2m",
@@ -123,7 +124,7 @@ def router(settings: Settings) -> APIRouter:
                 try:
                     return await handler(request)
                 except RequestValidationError as e:
-                    return JSONResponse({"detail": "; ".join(_error_message(x, rules) for x in e.errors())}, 422)
+                    return JSONResponse({"detail": "; ".join(error_message(x, rules) for x in e.errors())}, 422)
 
             return route
 
@@ -222,7 +223,7 @@ def router(settings: Settings) -> APIRouter:
 
                 mask_data = png_bytes(ImageOps.invert(mask.convert("L")))
             inputs["mask"], mode = mask_data, "inpaint"
-        params = _size(native_params(body, mode, body.seed), image, settings)
+        params = size_from_image(native_params(body, mode, body.seed), image, settings)
         return await run(request, body, mode, params, inputs)
 
     @api.get("/samplers", summary="Web UI: the samplers (name, aliases = this project's name)",
