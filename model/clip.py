@@ -1,16 +1,23 @@
 """
-The CLIP text encoder of Stable Diffusion 1.x (openai/clip-vit-large-patch14's text tower):
+The CLIP text encoder: one transformer, configured for each Stable Diffusion family's text tower(s).
 
     token embedding + learned position embedding
-    -> N pre-LN transformer blocks (causal self-attention, MLP with quick-GELU)
+    -> N pre-LN transformer blocks (causal self-attention, MLP with quick-GELU or GELU)
     -> final LayerNorm
+    [-> pooled: the final-normed state at each sequence's EOS token -> text_projection (no bias)]
 
-Its per-token output [B, 77, 768] is the UNet's cross-attention context. There is no pooled
-output or projection: Stable Diffusion 1.x does not use them. Module names follow transformers'
-CLIPTextModel with the leading "text_model." removed, so state_dict keys load without renaming.
+    SD 1.x   openai CLIP ViT-L/14, quick-GELU, 12 layers of 768: the last state after the final LayerNorm
+    SD 2.x   OpenCLIP ViT-H/14, GELU, 23 layers of 1024 (diffusers drops OpenCLIP's 24th, as SD 2.x skips
+             it): the last state after the final LayerNorm
+    SDXL     text_encoder: ViT-L as SD 1.x; text_encoder_2: OpenCLIP ViT-bigG/14, GELU, 32 layers of 1280, with
+             text_projection 1280 -> 1280. Both: the penultimate state WITHOUT the final LayerNorm
+             (skip_last_layers=1, final_norm=False); bigG also gives the pooled, projected text embedding.
+
+Module names follow transformers' CLIPTextModel with the leading "text_model." removed, and
+CLIPTextModelWithProjection's "text_projection", so state_dict keys load without renaming.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -20,6 +27,8 @@ import torch.nn.functional as F
 # config
 
 ACTIVATIONS = ("quick_gelu", "gelu")
+ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")  # transformers classes whose weights load here
+LEGACY_EOS_TOKEN_ID = 2  # configs from before transformers PR #24773 (all SD ones) say 2: pool at the largest id
 
 
 @dataclass
@@ -32,10 +41,16 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77    # longest token sequence (the tokenizer pads/truncates to this)
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"       # "quick_gelu" (OpenAI CLIP, SD 1.x) or "gelu" (exact, erf; e.g. OpenCLIP)
+    projection_dim: int | None = None    # text_projection's output width (SDXL's text_encoder_2); None: no projection
+    # the pooled output is at the first of these (legacy 2: at the largest id). A fact of the tokenizer, not of the
+    # network: the weights do not record it (an original single file cannot tell it), so == leaves it out
+    eos_token_id: int = field(default=LEGACY_EOS_TOKEN_ID, compare=False)
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported CLIP option hidden_act={self.hidden_act!r} (supported: {ACTIVATIONS})")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ValueError(f"projection_dim={self.projection_dim!r} must be positive (or None: no projection)")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}")
@@ -50,10 +65,16 @@ class CLIPTextConfig:
     def from_diffusers(cls, d):
         """
         From a transformers CLIPTextConfig dict (text_encoder/config.json). A whole CLIPModel config
-        is accepted too: its "text_config" is used. Token ids, projection_dim and initialisation
-        settings are ignored (nothing here uses them).
+        is accepted too: its "text_config" is used (without a projection). A text_projection is built only
+        for architectures ["CLIPTextModelWithProjection"]: a plain CLIPTextModel's projection_dim is unused.
+        eos_token_id picks the pooled position; other token ids and initialisation settings are ignored.
         """
         d = d.get("text_config", d)
+        architectures = d.get("architectures") or []
+        for arch in architectures:
+            if arch not in ARCHITECTURES:
+                raise ValueError(f"unsupported CLIP option architectures={architectures!r} "
+                                 f"(supported: {ARCHITECTURES})")
         for key in ("attention_dropout", "dropout"):
             if d.get(key, 0.0) != 0.0:
                 raise ValueError(f"unsupported CLIP option {key}={d[key]!r} (only 0.0 is supported)")
@@ -66,6 +87,8 @@ class CLIPTextConfig:
             max_position_embeddings=d.get("max_position_embeddings", 77),
             layer_norm_eps=d.get("layer_norm_eps", 1e-5),
             hidden_act=d.get("hidden_act", "quick_gelu"),
+            projection_dim=d.get("projection_dim", 512) if "CLIPTextModelWithProjection" in architectures else None,
+            eos_token_id=d.get("eos_token_id", 49407),
         )
 
     def to_dict(self):
@@ -162,16 +185,25 @@ class CLIPTextModel(nn.Module):
         self.embeddings = CLIPEmbeddings(config)
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # CLIPTextModelWithProjection's; absent (no key) for a plain CLIPTextModel
+        self.text_projection = (nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+                                if config.projection_dim is not None else None)
 
-    def forward(self, input_ids, skip_last_layers: int = 0):
+    def forward(self, input_ids, skip_last_layers: int = 0, final_norm: bool = True, pooled: bool = False):
         """
-        input_ids: LongTensor [B, T], T <= max_position_embeddings -> hidden states [B, T, hidden_size].
+        input_ids: LongTensor [B, T], T <= max_position_embeddings -> hidden states [B, T, hidden_size],
+        or (hidden states, pooled [B, projection_dim or hidden_size]) when pooled=True.
 
-        skip_last_layers=k stops k layers before the end and applies the final LayerNorm to that
-        output: transformers' hidden_states[-1-k] through final_layer_norm. AUTOMATIC1111's
-        "CLIP skip" n is k = n - 1 (CLIP skip 2, common for anime models, is k = 1).
+        skip_last_layers=k takes the output of the layer k before the end: transformers' hidden_states[-1-k].
+        final_norm applies the final LayerNorm to it. The defaults (0, True) are transformers'
+        last_hidden_state (SD 1.x, SD 2.x). AUTOMATIC1111's "CLIP skip" n is k = n - 1 with the norm (CLIP
+        skip 2, common for anime models, is k = 1); SDXL conditions on k = 1 without it (final_norm=False).
+
+        pooled=True also returns the pooled output whatever k is: the final-normed state after the last layer at
+        each sequence's first eos_token_id (legacy eos_token_id 2: at the largest id, which is EOS in CLIP's
+        vocab), through text_projection when the config has one (transformers' text_embeds, else pooler_output).
         """
-        T = input_ids.shape[1]
+        B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(f"{T} tokens, the text encoder takes at most {self.config.max_position_embeddings}")
         n = len(self.encoder.layers)
@@ -180,4 +212,17 @@ class CLIPTextModel(nn.Module):
         x = self.embeddings(input_ids)                        # [B, T, C]
         for layer in self.encoder.layers[:n - skip_last_layers]:
             x = layer(x)
-        return self.final_layer_norm(x)                      # [B, T, C]
+        hidden = self.final_layer_norm(x) if final_norm else x  # [B, T, C]
+        if not pooled:
+            return hidden
+        for layer in self.encoder.layers[n - skip_last_layers:]:  # the pooled output comes from the last layer
+            x = layer(x)
+        last = self.final_layer_norm(x) if skip_last_layers or not final_norm else hidden  # [B, T, C]
+        if self.config.eos_token_id == LEGACY_EOS_TOKEN_ID:
+            eos = input_ids.argmax(dim=-1)                                      # [B], first largest id
+        else:
+            eos = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)  # [B], first EOS (0 if none)
+        out = last[torch.arange(B, device=last.device), eos]  # [B, C]
+        if self.text_projection is not None:
+            out = self.text_projection(out)                   # [B, projection_dim]
+        return hidden, out
