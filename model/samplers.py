@@ -1,14 +1,17 @@
 """
-Stable Diffusion 1.x's noise schedule and samplers, in the style of k-diffusion's sampling.py.
+Stable Diffusion's noise schedules (1.x, 2.x, SDXL: one DDPM schedule, read from the weights'
+scheduler_config.json) and samplers, in the style of k-diffusion's sampling.py.
 
 Everything works in sigma space (Karras et al. 2022): a noisy latent is
 
     x = x0 + sigma * eps,        sigma^2 = (1 - alphas_cumprod[t]) / alphas_cumprod[t]
 
 The UNet was trained on the variance-preserving latent sqrt(a) * x0 + sqrt(1 - a) * eps, which is
-x / sqrt(sigma^2 + 1) (`scale_model_input`), and predicts eps, so x0_hat = x - sigma * eps_hat
-(`to_x0`). A sampler is then a short loop over a decreasing list of sigmas that only needs a
-denoiser `denoise(x, i) -> x0_hat` for step i. `plan()` picks the timesteps and sigmas exactly as
+x / sqrt(sigma^2 + 1) (`scale_model_input`), and predicts eps (SD 1.x, SDXL, SD 2.x 512-base) or
+v = sqrt(a) * eps - sqrt(1 - a) * x0 (SD 2.x 768-v): the schedule's prediction_type says which.
+`to_x0` turns either into x0_hat, and is the only place prediction_type enters: a sampler is then a
+short loop over a decreasing list of sigmas that only needs a denoiser `denoise(x, i) -> x0_hat` for
+step i, the same for every model family. `plan()` picks the timesteps and sigmas exactly as
 the matching diffusers scheduler does (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler,
 EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler), so the same UNet and noise give the
 same latents as diffusers, to float rounding.
@@ -47,9 +50,12 @@ SAMPLERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "
 # -----------------------------------------------------------------------------
 # the training noise schedule
 
-# diffusers scheduler options not implemented here, with the values supported (a missing key is
-# fine). clip_sample and thresholding only make sense for pixel-space models. The sampler, and so
-# Karras sigmas, solver order etc., is chosen by name, not by the config's scheduler class.
+# diffusers scheduler options that would change the result but are not implemented here, with the
+# values supported (a missing key is fine). clip_sample and thresholding only make sense for
+# pixel-space models; rescale_betas_zero_snr needs sigma = infinity at t = N-1, which sigma space
+# cannot hold. Other keys do not change the result and are ignored: bookkeeping (_class_name, ...),
+# PNDM's skip_prk_steps, thresholding's sample_max_value etc. The sampler, and so Karras sigmas,
+# solver order etc., is chosen by name, not by the config's scheduler class or use_karras_sigmas.
 _SUPPORTED_DIFFUSERS_OPTIONS = {
     "trained_betas": (None,),
     "clip_sample": (False,),
@@ -64,9 +70,16 @@ _SUPPORTED_DIFFUSERS_OPTIONS = {
     "sigma_min": (None,),
     "sigma_max": (None,),
     "variance_type": (None, "fixed_small"),
+    "lambda_min_clipped": (float("-inf"),),
+    "use_flow_sigmas": (False,),
+    "use_dynamic_shifting": (False,),
 }
 _SPACINGS = ("leading", "trailing", "linspace")
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _one_of(values):
+    return ", ".join(values[:-1]) + " or " + values[-1]
 
 
 @dataclass
@@ -88,9 +101,10 @@ class Schedule:
         if self.beta_schedule not in ("scaled_linear", "linear"):
             raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported (scaled_linear, linear)")
         if self.timestep_spacing is not None and self.timestep_spacing not in _SPACINGS:
-            raise ValueError(f"timestep_spacing {self.timestep_spacing!r} is not supported {_SPACINGS}")
+            raise ValueError(f"timestep_spacing {self.timestep_spacing!r} is not supported "
+                             f"(use {_one_of(_SPACINGS)}, or leave it out for the sampler's default)")
         if self.prediction_type not in _PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported {_PREDICTION_TYPES}")
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported (use {_one_of(_PREDICTION_TYPES)})")
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
 
@@ -101,7 +115,11 @@ class Schedule:
     @classmethod
     def from_diffusers(cls, d: dict):
         """From a diffusers scheduler_config.json dict. A missing key takes diffusers' default, as
-        `XScheduler.from_config(d)` would (so a bare {} is diffusers' linear schedule, not SD's)."""
+        `XScheduler.from_config(d)` would (so a bare {} is diffusers' linear schedule, not SD's).
+        Read: the betas, prediction_type, timestep_spacing, steps_offset, set_alpha_to_one. The
+        published configs differ, for sampling, only in these: SD 1.5 (PNDM, no timestep_spacing), SD 2.1 (DDIM,
+        v_prediction, no timestep_spacing), SDXL base (Euler, "leading"), all with steps_offset 1.
+        Options that would change the result but are not implemented are refused, naming the key."""
         for key, ok in _SUPPORTED_DIFFUSERS_OPTIONS.items():
             if key in d and d[key] not in ok:
                 only = " or ".join(map(repr, ok))
@@ -144,14 +162,16 @@ def scale_model_input(x, sigma):
 
 
 def to_x0(x, sigma, model_output, prediction_type="epsilon"):
-    """The denoised estimate from the UNet's output at noise level sigma.
+    """The denoised estimate from the UNet's output at noise level sigma: the one place where the
+    model's prediction_type enters; every sampler works on x0_hat. In k-diffusion's terms
+    x0 = c_skip * x + c_out * model_output (its VDenoiser with sigma_data = 1 for v):
     epsilon:      x = x0 + sigma * eps                        =>  x0 = x - sigma * eps
     v_prediction: v = sqrt(a) eps - sqrt(1-a) x0 (VP latent)  =>  x0 = x / (sigma^2+1) - v * sigma / sqrt(sigma^2+1)"""
     if prediction_type == "epsilon":
         return x - sigma * model_output
     if prediction_type == "v_prediction":
         return x / (sigma ** 2 + 1) - model_output * sigma / (sigma ** 2 + 1) ** 0.5
-    raise ValueError(f"prediction_type {prediction_type!r} is not supported {_PREDICTION_TYPES}")
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported (use {_one_of(_PREDICTION_TYPES)})")
 
 
 # -----------------------------------------------------------------------------
