@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import metrics, schemas, web
-from .errors import RETRY_AFTER, clear_detail, error_message
+from .errors import RETRY_AFTER, clear_detail, error_message, field_rules
 from .faces import a1111, native, openai
 from .jobs import Config, Queue
 from .queue import QueueUnavailable, make_queue
@@ -159,9 +159,7 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
     in-process worker; `worker`: run a worker in this process (default: when there is no Redis URL)."""
     settings = settings or Settings.from_env()
     run_worker = (not settings.redis_url) if worker is None else worker
-    models = schemas.request_models(settings)
-    rules = {name: f.description.split(";")[0] for m in models.values()
-             for name, f in m.model_fields.items() if f.description}
+    rules = field_rules(*schemas.request_models(settings).values())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -40,6 +40,12 @@ def shown(value, limit: int = 60) -> str:
     return f"{text[:limit]}... ({size})"
 
 
+def field_rules(*models) -> dict[str, str]:
+    """field name -> what it accepts, from the first sentence of each field's description in the pydantic
+    `models` (the sentences error_message ends with)."""
+    return {name: f.description.split(";")[0] for m in models for name, f in m.model_fields.items() if f.description}
+
+
 def error_message(err: dict, rules: dict[str, str]) -> str:
     """One pydantic error as a sentence naming the field and what it accepts."""
     kind = err.get("type", "")
@@ -54,7 +60,9 @@ def error_message(err: dict, rules: dict[str, str]) -> str:
     if kind == "string_unicode":
         return f"{name} must be valid Unicode text (no lone surrogates)"
     if kind == "missing":
-        return f"{name} is required" if loc else f"the body is required: a JSON object with the fields {', '.join(rules)}"
+        if loc:
+            return f"{name} is required"
+        return f"the body is required: a JSON object with the fields {', '.join(rules)}"
     if kind == "extra_forbidden":
         return f"{name} is not a field of this request (fields: {', '.join(rules)})"
     if kind == "value_error" and not loc:  # a model validator (width * height)

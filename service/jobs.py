@@ -92,7 +92,8 @@ def parameters_of(state: JobState) -> schemas.Parameters:
 
 def job_status(request: Request, state: JobState) -> schemas.JobStatus:
     return schemas.JobStatus(
-        id=state.id, status=state.status, mode=state.mode, progress=schemas.Progress(step=state.step, total=state.total),
+        id=state.id, status=state.status, mode=state.mode,
+        progress=schemas.Progress(step=state.step, total=state.total),
         error=state.error, attempts=state.attempts, seed=state.params["seed"],
         images=[str(request.url_for("job_image_n", job_id=state.id, n=n)) for n in range(state.images)],
         parameters=parameters_of(state), created_at=state.created, started_at=state.started,

@@ -32,7 +32,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import schemas
-from ..errors import ERRORS, SYNC_ERRORS, error_message
+from ..errors import ERRORS, SYNC_ERRORS, error_message, field_rules
 from ..jobs import idempotency_of, owner_of, submit, wait_for_result
 from ..queue import ENDED
 from ..settings import Settings
@@ -109,8 +109,7 @@ def png_bytes(image) -> bytes:
 def router(settings: Settings) -> APIRouter:
     native = schemas.request_models(settings)
     models = request_models(settings)
-    rules = {name: f.description.split(";")[0] for m in [*native.values(), *models.values()]
-             for name, f in m.model_fields.items() if f.description}
+    rules = field_rules(*native.values(), *models.values())
     active: list[tuple[Optional[str], list[str]]] = []  # (API key digest, job ids) of the requests in progress
                                                         # here, oldest first; each key sees only its own
 

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import schemas
-from ..errors import RETRY_AFTER, clear_detail, error_message
+from ..errors import RETRY_AFTER, clear_detail, error_message, field_rules
 from ..jobs import (IDEMPOTENCY_KEY, IdempotencyKeyReused, get_queue, idempotency_of, owner_of, submit,
                     wait_for_result)
 from ..queue import QueueUnavailable
@@ -163,8 +163,7 @@ def router(settings: Settings) -> APIRouter:
     """The /v1/images routes; their errors, validation and API key included, in OpenAI's shape."""
     native = schemas.request_models(settings)
     models = request_models(settings)
-    rules = {name: f.description.split(";")[0] for m in [*native.values(), *models.values()]
-             for name, f in m.model_fields.items() if f.description}
+    rules = field_rules(*native.values(), *models.values())
     fields = set(rules) | {"image", "mask"}
 
     def invalid(errors: list) -> JSONResponse:
