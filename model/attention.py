@@ -4,21 +4,33 @@ the transformer block, and the spatial transformer that runs them over a feature
 
 Module and parameter names follow diffusers (Attention, FeedForward, BasicTransformerBlock,
 Transformer2DModel) so that state_dict keys match UNet2DConditionModel's exactly.
+
+upcast (SD 2.x's upcast_attention): the attention scores q k^T / sqrt(d) and their softmax are computed in fp32
+when the model runs in fp16/bf16, else they can overflow fp16 (SD 2.1 then makes black images).
+F.scaled_dot_product_attention already does exactly that on CUDA and CPU: its flash, memory-efficient and
+cuDNN kernels accumulate the scores and the softmax in fp32, and its math fallback upcasts fp16/bf16 inputs
+(unless someone opts out with torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)). So there the
+flag costs nothing; on other devices (MPS, XPU, ...) the attention runs on fp32 q, k, v and casts the result back.
 """
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+_HALF = (torch.float16, torch.bfloat16)
+_SDPA_FP32_DEVICES = ("cuda", "cpu")   # where SDPA reduces fp16/bf16 scores in fp32 by itself (see above)
 
 
 class Attention(nn.Module):
     """Multi-head attention. Self-attention when context is None, else cross-attention on context."""
 
-    def __init__(self, query_dim, context_dim=None, heads=8, head_dim=64, dropout=0.0):
+    def __init__(self, query_dim, context_dim=None, heads=8, head_dim=64, dropout=0.0, upcast=False):
         super().__init__()
         inner_dim = heads * head_dim
         context_dim = context_dim if context_dim is not None else query_dim
         self.heads = heads
         self.head_dim = head_dim
+        self.upcast = upcast            # scores and softmax in fp32 under fp16/bf16 (no parameters)
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
@@ -32,7 +44,10 @@ class Attention(nn.Module):
         q = self.to_q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)        # [B, h, N, d]
         k = self.to_k(context).view(B, L, self.heads, self.head_dim).transpose(1, 2)  # [B, h, L, d]
         v = self.to_v(context).view(B, L, self.heads, self.head_dim).transpose(1, 2)  # [B, h, L, d]
-        y = F.scaled_dot_product_attention(q, k, v)                                   # softmax(qk^T/sqrt(d)) v
+        if self.upcast and q.dtype in _HALF and q.device.type not in _SDPA_FP32_DEVICES:
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)                               # softmax(qk^T/sqrt(d)) v
         y = y.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)               # [B, N, h*d]
         for layer in self.to_out:                                                     # linear, dropout
             y = layer(y)
@@ -68,12 +83,12 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm transformer block: self-attention, cross-attention on context, feed-forward."""
 
-    def __init__(self, dim, heads, head_dim, context_dim, dropout=0.0):
+    def __init__(self, dim, heads, head_dim, context_dim, dropout=0.0, upcast=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, None, heads, head_dim, dropout)
+        self.attn1 = Attention(dim, None, heads, head_dim, dropout, upcast)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, context_dim, heads, head_dim, dropout)
+        self.attn2 = Attention(dim, context_dim, heads, head_dim, dropout, upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
 
@@ -89,11 +104,12 @@ class SpatialTransformer(nn.Module):
     """
     Transformer over the pixels of a feature map (diffusers' Transformer2DModel, continuous input):
     GroupNorm -> proj_in -> transformer blocks on [B, H*W, C] tokens -> proj_out -> + input.
-    proj_in/proj_out are 1x1 convs (SD 1.x) or, with linear_projection, Linear layers (SD 2.x).
+    proj_in/proj_out are 1x1 convs (SD 1.x) or, with linear_projection, Linear layers (SD 2.x, SDXL).
+    depth: transformer blocks in a row (1 in SD 1.x/2.x; up to 10 in SDXL, its transformer_layers_per_block).
     """
 
     def __init__(self, channels, heads, context_dim, num_groups=32, depth=1, dropout=0.0,
-                 linear_projection=False):
+                 linear_projection=False, upcast=False):
         super().__init__()
         head_dim = channels // heads
         self.linear_projection = linear_projection
@@ -103,7 +119,7 @@ class SpatialTransformer(nn.Module):
         else:
             self.proj_in = nn.Conv2d(channels, channels, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(channels, heads, head_dim, context_dim, dropout) for _ in range(depth)])
+            [BasicTransformerBlock(channels, heads, head_dim, context_dim, dropout, upcast) for _ in range(depth)])
         if linear_projection:
             self.proj_out = nn.Linear(channels, channels)
         else:

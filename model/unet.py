@@ -1,6 +1,7 @@
 """
-The Stable Diffusion 1.x conditional UNet: predicts the noise in a latent x_t given the
-timestep t and the text encoder's hidden states (context).
+The Stable Diffusion conditional UNet (SD 1.x, SD 2.x, SDXL): predicts the noise in a latent x_t given
+the timestep t and the text encoder's hidden states (context); SDXL also takes the pooled text embedding
+and six "micro-conditioning" numbers (time_ids), embedded and added to the timestep embedding.
 
     conv_in -> down levels (ResnetBlocks [+ SpatialTransformers], stride-2 conv) -> mid block
     -> up levels (ResnetBlocks on [x, skip] [+ SpatialTransformers], nearest 2x + conv)
@@ -8,6 +9,11 @@ timestep t and the text encoder's hidden states (context).
 
 Every ResnetBlock also gets the timestep embedding. Module names follow diffusers so that
 state_dict keys equal UNet2DConditionModel's exactly.
+
+The families differ only in config: SD 2.x has per-level head counts, Linear proj_in/proj_out, 1024-wide
+context and fp32 attention scores (upcast_attention); SDXL has three levels, the first without attention,
+deeper spatial transformers (transformer_layers_per_block (1, 2, 10)), 2048-wide context and the added
+text_time embedding.
 """
 
 import math
@@ -36,19 +42,13 @@ _FIXED_DIFFUSERS_OPTIONS = {
     "mid_block_scale_factor": 1,
     "act_fn": "silu",
     "norm_eps": 1e-5,
-    "transformer_layers_per_block": 1,
     "reverse_transformer_layers_per_block": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
-    "num_attention_heads": None,
     "dual_cross_attention": False,
-    "upcast_attention": False,
     "class_embed_type": None,
     "num_class_embeds": None,
     "class_embeddings_concat": False,
-    "projection_class_embeddings_input_dim": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
@@ -84,9 +84,19 @@ class UNetConfig:
     # NUMBER OF HEADS per SpatialTransformer (int, or one per level). diffusers calls it attention_head_dim
     # for historical reasons; SD 1.x uses 8 heads everywhere (head size = channels // 8).
     attention_head_dim: object = 8
+    # transformer blocks per SpatialTransformer (int, or one per level; the mid block uses the last level's).
+    # 1 in SD 1.x/2.x; SDXL base: (1, 2, 10).
+    transformer_layers_per_block: object = 1
     norm_num_groups: int = 32
     sample_size: int = 64               # latent size the model was trained at (512 px / 8)
     use_linear_projection: bool = False  # SpatialTransformer proj_in/proj_out as Linear (SD 2.x) instead of 1x1 conv
+    upcast_attention: bool = False      # attention scores and softmax in fp32 under fp16/bf16 (SD 2.1 needs it)
+    # SDXL's added conditioning: addition_embed_type "text_time" (or None). Each of the time_ids (SDXL base: 6)
+    # gets a sinusoidal embedding of addition_time_embed_dim (256) channels; they and the pooled text embedding
+    # (1280) make projection_class_embeddings_input_dim (2816) inputs of an MLP into the timestep embedding.
+    addition_embed_type: object = None
+    addition_time_embed_dim: object = None
+    projection_class_embeddings_input_dim: object = None
     dropout: float = 0.0                # in the ResnetBlocks (training only)
 
     def __post_init__(self):
@@ -95,16 +105,34 @@ class UNetConfig:
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
         if isinstance(self.attention_head_dim, (list, tuple)):
             self.attention_head_dim = tuple(self.attention_head_dim)
+        if isinstance(self.transformer_layers_per_block, (list, tuple)):
+            self.transformer_layers_per_block = tuple(self.transformer_layers_per_block)
         n = len(self.block_out_channels)
         if len(self.attention_levels) != n:
             raise ValueError(f"attention_levels has {len(self.attention_levels)} entries, expected {n}")
         if len(self.heads()) != n:
             raise ValueError(f"attention_head_dim has {len(self.heads())} entries, expected {n}")
+        if len(self.depths()) != n or not all(isinstance(d, int) and d >= 1 for d in self.depths()):
+            raise ValueError(f"transformer_layers_per_block={self.transformer_layers_per_block!r}: "
+                             f"expected an int >= 1 or {n} of them, one per level")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"unsupported UNet option addition_embed_type={self.addition_embed_type!r} "
+                             f"(only None and 'text_time' are supported)")
+        if self.addition_embed_type == "text_time":
+            for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                if not isinstance(getattr(self, name), int):
+                    raise ValueError(f"addition_embed_type='text_time' needs an int {name}, "
+                                     f"got {getattr(self, name)!r}")
 
     def heads(self):
         """Number of attention heads of each level, a tuple with one entry per level."""
         h = self.attention_head_dim
         return tuple(h) if isinstance(h, tuple) else (h,) * len(self.block_out_channels)
+
+    def depths(self):
+        """Transformer blocks per SpatialTransformer of each level, a tuple with one entry per level."""
+        d = self.transformer_layers_per_block
+        return tuple(d) if isinstance(d, tuple) else (d,) * len(self.block_out_channels)
 
     @classmethod
     def sd15(cls):
@@ -114,10 +142,10 @@ class UNetConfig:
 
     @classmethod
     def from_diffusers(cls, d):
-        """From a diffusers UNet2DConditionModel config (its config.json as a dict)."""
+        """From a diffusers UNet2DConditionModel config (its config.json as a dict): SD 1.x, SD 2.x or SDXL."""
         for key, supported in _FIXED_DIFFUSERS_OPTIONS.items():
             value = d.get(key, supported)
-            if isinstance(value, (list, tuple)) and key in ("only_cross_attention", "transformer_layers_per_block"):
+            if isinstance(value, (list, tuple)) and key == "only_cross_attention":
                 value = _one_value(key, value)
             if key == "mid_block_only_cross_attention" and value is False:
                 value = None  # False and None mean the same here
@@ -132,7 +160,14 @@ class UNetConfig:
         mirrored = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels)]
         if up != mirrored:
             raise ValueError(f"unsupported UNet option up_block_types={up!r}: must mirror down_block_types ({mirrored!r})")
-        heads = d.get("attention_head_dim", 8)
+        # diffusers' naming mess: attention_head_dim is the NUMBER of heads (head size = channels // it), unless
+        # num_attention_heads is set, which then wins (diffusers: num_attention_heads or attention_head_dim).
+        heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+        depth = d.get("transformer_layers_per_block", 1)
+        if isinstance(depth, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in depth):
+            raise ValueError(f"unsupported UNet option transformer_layers_per_block={depth!r}: "
+                             f"one depth per level, not per layer")
+        text_time = d.get("addition_embed_type") == "text_time"
         return cls(
             in_channels=d.get("in_channels", 4),
             out_channels=d.get("out_channels", 4),
@@ -141,10 +176,15 @@ class UNetConfig:
             attention_levels=attention_levels,
             cross_attention_dim=_one_value("cross_attention_dim", d.get("cross_attention_dim", 1280)),
             attention_head_dim=tuple(heads) if isinstance(heads, (list, tuple)) else heads,
+            transformer_layers_per_block=tuple(depth) if isinstance(depth, (list, tuple)) else depth,
             norm_num_groups=d.get("norm_num_groups", 32),
             sample_size=_one_value("sample_size", d.get("sample_size", 64)),
             use_linear_projection=d.get("use_linear_projection", False),
+            upcast_attention=bool(d.get("upcast_attention")),   # SDXL's config.json says null
             dropout=d.get("dropout", 0.0),
+            addition_embed_type=d.get("addition_embed_type"),   # anything but None / text_time: refused above
+            addition_time_embed_dim=d.get("addition_time_embed_dim") if text_time else None,
+            projection_class_embeddings_input_dim=d.get("projection_class_embeddings_input_dim") if text_time else None,
         )
 
     def to_dict(self):
@@ -229,13 +269,14 @@ class Upsample(nn.Module):
 class DownBlock(nn.Module):
     """One down level: `layers` ResnetBlocks (each followed by a SpatialTransformer if attention), then Downsample."""
 
-    def __init__(self, in_ch, out_ch, temb_dim, layers, attention, heads, context_dim, num_groups,
-                 linear_projection, dropout, downsample):
+    def __init__(self, in_ch, out_ch, temb_dim, layers, attention, heads, depth, context_dim, num_groups,
+                 linear_projection, upcast, dropout, downsample):
         super().__init__()
         self.resnets = nn.ModuleList(
             [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb_dim, num_groups, dropout) for i in range(layers)])
         self.attentions = nn.ModuleList(
-            [SpatialTransformer(out_ch, heads, context_dim, num_groups, linear_projection=linear_projection)
+            [SpatialTransformer(out_ch, heads, context_dim, num_groups, depth, linear_projection=linear_projection,
+                                upcast=upcast)
              for _ in range(layers)]) if attention else None
         self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if downsample else None
 
@@ -256,11 +297,12 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
     """At the lowest resolution: ResnetBlock, SpatialTransformer, ResnetBlock."""
 
-    def __init__(self, ch, temb_dim, heads, context_dim, num_groups, linear_projection, dropout):
+    def __init__(self, ch, temb_dim, heads, depth, context_dim, num_groups, linear_projection, upcast, dropout):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(ch, ch, temb_dim, num_groups, dropout) for _ in range(2)])
         self.attentions = nn.ModuleList(
-            [SpatialTransformer(ch, heads, context_dim, num_groups, linear_projection=linear_projection)])
+            [SpatialTransformer(ch, heads, context_dim, num_groups, depth, linear_projection=linear_projection,
+                                upcast=upcast)])
 
     def forward(self, x, temb, context):
         x = self.resnets[0](x, temb)
@@ -275,8 +317,8 @@ class UpBlock(nn.Module):
     prev_ch: channels coming from below; skip_ch: channels of this level's last (outermost) skip.
     """
 
-    def __init__(self, prev_ch, out_ch, skip_ch, temb_dim, layers, attention, heads, context_dim, num_groups,
-                 linear_projection, dropout, upsample):
+    def __init__(self, prev_ch, out_ch, skip_ch, temb_dim, layers, attention, heads, depth, context_dim, num_groups,
+                 linear_projection, upcast, dropout, upsample):
         super().__init__()
         resnets = []
         for i in range(layers):
@@ -285,7 +327,8 @@ class UpBlock(nn.Module):
             resnets.append(ResnetBlock(x_ch + s_ch, out_ch, temb_dim, num_groups, dropout))
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(
-            [SpatialTransformer(out_ch, heads, context_dim, num_groups, linear_projection=linear_projection)
+            [SpatialTransformer(out_ch, heads, context_dim, num_groups, depth, linear_projection=linear_projection,
+                                upcast=upcast)
              for _ in range(layers)]) if attention else None
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
 
@@ -311,40 +354,49 @@ class UNet(nn.Module):
         self.config = config
         ch = config.block_out_channels
         n = len(ch)
-        heads = config.heads()
+        heads, depths = config.heads(), config.depths()
         temb_dim = 4 * ch[0]
         common = dict(context_dim=config.cross_attention_dim, num_groups=config.norm_num_groups,
-                      linear_projection=config.use_linear_projection, dropout=config.dropout)
+                      linear_projection=config.use_linear_projection, upcast=config.upcast_attention,
+                      dropout=config.dropout)
 
         self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
+        if config.addition_embed_type == "text_time":
+            # SDXL: MLP on [pooled text, sinusoids of the time_ids], added to the timestep embedding
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb_dim)
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], kernel_size=3, padding=1)
 
         # down: level i goes from ch[i-1] to ch[i] channels, then halves the resolution (all but the last)
         self.down_blocks = nn.ModuleList([
             DownBlock(ch[max(i - 1, 0)], ch[i], temb_dim, config.layers_per_block, config.attention_levels[i],
-                      heads[i], downsample=i < n - 1, **common)
+                      heads[i], depths[i], downsample=i < n - 1, **common)
             for i in range(n)])
 
-        self.mid_block = MidBlock(ch[-1], temb_dim, heads[-1], **common)
+        self.mid_block = MidBlock(ch[-1], temb_dim, heads[-1], depths[-1], **common)
 
         # up: the levels in reverse; level i takes ch[i+1] channels from below and the skips of down level i
         self.up_blocks = nn.ModuleList([
             UpBlock(ch[min(i + 1, n - 1)], ch[i], ch[max(i - 1, 0)], temb_dim, config.layers_per_block + 1,
-                    config.attention_levels[i], heads[i], upsample=i > 0, **common)
+                    config.attention_levels[i], heads[i], depths[i], upsample=i > 0, **common)
             for i in reversed(range(n))])
 
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=1e-5)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, kernel_size=3, padding=1)
 
-    def forward(self, x, t, context):
+    def forward(self, x, t, context, text_embeds=None, time_ids=None):
         """
         x: [B, in_channels, H, W] noisy latents; t: timesteps, a number, a 0-d tensor or [B] tensor (int or float);
         context: [B, L, cross_attention_dim] text hidden states. Returns [B, out_channels, H, W].
+        SDXL (addition_embed_type "text_time") also needs, and other UNets refuse:
+        text_embeds: [B, P] pooled text embeddings (SDXL base: P = 1280, the second text encoder's projection);
+        time_ids: [B, K] micro-conditioning (SDXL base: K = 6, original H, W, crop top, left, target H, W),
+        with P + K * addition_time_embed_dim = projection_class_embeddings_input_dim.
         """
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)   # [B]
         temb = timestep_embedding(t, self.config.block_out_channels[0]).to(x.dtype)
         temb = self.time_embedding(temb)                                # [B, 4*ch0]
+        temb = self.add_text_time(temb, text_embeds, time_ids)
 
         x = self.conv_in(x)                                             # [B, ch0, H, W]
         skips = [x]
@@ -362,3 +414,19 @@ class UNet(nn.Module):
 
         x = self.conv_out(norm_silu(self.conv_norm_out, x))             # [B, out_channels, H, W]
         return x
+
+    def add_text_time(self, temb, text_embeds, time_ids):
+        """SDXL: temb + MLP([text_embeds, sinusoid(time_ids) flattened]); other UNets: temb, and no extras allowed."""
+        if self.config.addition_embed_type != "text_time":
+            if text_embeds is not None or time_ids is not None:
+                raise ValueError("text_embeds/time_ids given to a UNet without addition_embed_type='text_time'")
+            return temb
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
+        B = temb.shape[0]
+        time_ids = torch.as_tensor(time_ids, device=temb.device).reshape(B, -1)          # [B, K]
+        K = time_ids.shape[1]
+        emb = timestep_embedding(time_ids.reshape(-1), self.config.addition_time_embed_dim)  # [B*K, D]
+        emb = emb.reshape(B, K * self.config.addition_time_embed_dim)                    # [B, K*D]
+        emb = torch.cat([text_embeds.to(temb.dtype), emb.to(temb.dtype)], dim=-1)       # [B, P + K*D]
+        return temb + self.add_embedding(emb)                                           # [B, 4*ch0]
