@@ -123,6 +123,9 @@ class UNetConfig:
                 if not isinstance(getattr(self, name), int):
                     raise ValueError(f"addition_embed_type='text_time' needs an int {name}, "
                                      f"got {getattr(self, name)!r}")
+            if self.addition_time_embed_dim % 2:
+                raise ValueError(f"unsupported UNet option addition_time_embed_dim={self.addition_time_embed_dim}: "
+                                 f"must be even (cos, sin halves)")
 
     def heads(self):
         """Number of attention heads of each level, a tuple with one entry per level."""

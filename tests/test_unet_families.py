@@ -32,7 +32,7 @@ SDXL_TINY = dict(  # SDXL-like: no attention on the first level, deeper transfor
     sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32, 48), layers_per_block=1,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=40, attention_head_dim=(2, 4, 6), transformer_layers_per_block=(1, 1, 2),
+    cross_attention_dim=40, attention_head_dim=(2, 4, 6), transformer_layers_per_block=(1, 2, 3),
     norm_num_groups=8, use_linear_projection=True,
     addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
     projection_class_embeddings_input_dim=POOLED + N_TIME_IDS * TIME_DIM,
@@ -65,6 +65,14 @@ SDXL = dict(  # stabilityai/stable-diffusion-xl-base-1.0
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], upcast_attention=None,
     use_linear_projection=True,
 )
+
+SDXL_REFINER = {  # stabilityai/stable-diffusion-xl-refiner-1.0: 4 levels, attention on the middle two, 5 time_ids
+    **SDXL, "attention_head_dim": [6, 12, 24, 24], "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                      "DownBlock2D"],
+    "projection_class_embeddings_input_dim": 2560, "transformer_layers_per_block": 4,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
 
 
 def randomize_(model, seed=0):
@@ -133,8 +141,9 @@ def test_sdxl_style_unet_matches_diffusers(tmp_path, in_channels):
     start = time.perf_counter()
     ref, ours = saved_reference_and_ours({**SDXL_TINY, "in_channels": in_channels}, tmp_path, seed=2)
     cfg = ours.config
-    assert cfg.attention_levels == (False, True, True) and cfg.depths() == (1, 1, 2)
-    assert len(ours.mid_block.attentions[0].transformer_blocks) == 2          # the last level's depth
+    assert cfg.attention_levels == (False, True, True) and cfg.depths() == (1, 2, 3)
+    assert len(ours.mid_block.attentions[0].transformer_blocks) == 3          # the last level's depth
+    assert [len(a.transformer_blocks) for a in ours.up_blocks[1].attentions] == [2, 2]   # up mirrors down
     assert ours.down_blocks[0].attentions is None and ours.up_blocks[-1].attentions is None
     g = torch.Generator().manual_seed(3)
     ctx = torch.randn(2, 5, 40, generator=g)
@@ -196,7 +205,7 @@ def test_num_attention_heads_wins_over_attention_head_dim():
 
 
 def test_family_configs_round_trip_through_json():
-    for d in (SD21, SDXL, SD2_TINY, SDXL_TINY):
+    for d in (SD21, SDXL, SDXL_REFINER, SD2_TINY, SDXL_TINY):
         cfg = UNetConfig.from_diffusers(d)
         assert UNetConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
     sd21, sdxl = UNetConfig.from_diffusers(SD21), UNetConfig.from_diffusers(SDXL)
@@ -210,7 +219,8 @@ def test_family_configs_round_trip_through_json():
 @pytest.mark.slow
 @pytest.mark.parametrize("name, config, count", [
     ("SD 2.1", SD21, 865_910_724),
-    ("SDXL base", SDXL, None),       # about 2.567 B; exact count asserted against diffusers' own
+    ("SDXL base", SDXL, 2_567_463_684),
+    ("SDXL refiner", SDXL_REFINER, None),    # asserted equal to diffusers' own
 ])
 def test_full_size_keys_shapes_and_parameter_count(name, config, count):
     start = time.perf_counter()
@@ -229,7 +239,7 @@ def test_full_size_keys_shapes_and_parameter_count(name, config, count):
         counts[in_channels] = n
     if count is not None:
         assert counts[4] == count
-    assert counts[9] == counts[4] + 5 * 320 * 3 * 3  # 5 more input channels in conv_in
+    assert counts[9] == counts[4] + 5 * config["block_out_channels"][0] * 3 * 3  # 5 more input channels in conv_in
     print(f"{name}: {counts[4]:,} parameters ({counts[9]:,} with 9 input channels), "
           f"{time.perf_counter() - start:.2f} s")
 
@@ -241,6 +251,7 @@ def test_full_size_keys_shapes_and_parameter_count(name, config, count):
     ("transformer_layers_per_block", [[1, 1], [2, 2], [10, 10]]),
     ("resnet_time_scale_shift", "scale_shift"),
     ("encoder_hid_dim_type", "text_proj"),
+    ("addition_time_embed_dim", 7),
 ])
 def test_unsupported_options_still_refused(key, value):
     with pytest.raises(ValueError, match=f"unsupported UNet option {key}"):
