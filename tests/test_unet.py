@@ -111,9 +111,9 @@ def test_config_from_diffusers_and_round_trip():
 
 
 @pytest.mark.parametrize("key, value", [
-    ("upcast_attention", True),
+    ("addition_embed_type", "text_image"),
     ("class_embed_type", "timestep"),
-    ("transformer_layers_per_block", 2),
+    ("reverse_transformer_layers_per_block", [[1], [1], [1], [1]]),
     ("resnet_time_scale_shift", "scale_shift"),
     ("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["SimpleCrossAttnDownBlock2D"]),
     ("up_block_types", ["CrossAttnUpBlock2D"] * 4),

@@ -312,8 +312,8 @@ def test_unsupported_diffusers_option(ref_dir, tmp_path):
     shutil.copytree(ref_dir[1], tmp_path / "sd")
     config_file = tmp_path / "sd" / "unet" / "config.json"
     config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "upcast_attention": True}))
-    refused(tmp_path / "sd", str(config_file), "upcast_attention")
+    config_file.write_text(json.dumps({**config, "resnet_time_scale_shift": "scale_shift"}))
+    refused(tmp_path / "sd", str(config_file), "resnet_time_scale_shift")
 
 
 def test_missing_tokenizer(ref_dir, tmp_path):
