@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import samplers
+from .conditioning import Encoded, TextConditioner
 from .pnginfo import infotext
 from .weights import Components, load
 
@@ -126,6 +127,9 @@ class StableDiffusion:
     def __init__(self, components: Components, name: str = "model"):
         self.tokenizer = components.tokenizer
         self.text_encoder = components.text_encoder
+        self.text_encoder_2 = components.text_encoder_2  # SDXL's second (None for SD 1.x, 2.x)
+        self.conditioner = TextConditioner(components.tokenizer, components.text_encoder, components.tokenizer_2,
+                                           components.text_encoder_2, components.force_zeros_for_empty_prompt)
         self.vae = components.vae
         self.unet = components.unet
         self.schedule = (samplers.Schedule.from_diffusers(components.scheduler_config)
@@ -134,7 +138,7 @@ class StableDiffusion:
         self.source: Path | None = None    # the weights it was loaded from (compiled packages live beside them)
         self.tuner = None                  # the Tuner of optimize(), once it is called
         self.compiled = None               # optimize()'s CompiledUNet, when packages for this machine exist
-        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # prompt -> [77, D]
+        self._text_cache: OrderedDict[str, Encoded] = OrderedDict()  # prompt -> its conditioning
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, tokenizer=None) -> "StableDiffusion":
@@ -199,19 +203,28 @@ class StableDiffusion:
     # --- text ---------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """[B] prompts -> [B, 77, D] contexts. Each distinct prompt is encoded once; recent ones (the
-        empty negative prompt above all) are kept in a small cache."""
+    def encode_prompts(self, prompts: Sequence[str], negative: bool = False):
+        """[B] prompts -> (contexts [B, L, D], pooled [B, P] or None: model/conditioning.py). Each distinct
+        prompt is encoded once; recent ones (the empty negative prompt above all) are kept in a small cache.
+        negative: these are negative prompts (an empty one is zeros where the model says so: SDXL)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
-            ids = self.tokenizer(missing).to(self.device)
-            for p, ctx in zip(missing, self.text_encoder(ids)):
-                self._text_cache[p] = ctx
+            for p, encoded in zip(missing, self.conditioner.encode(missing, self.device)):
+                self._text_cache[p] = encoded
         for p in prompts:
             self._text_cache.move_to_end(p)
+        encoded = [self._text_cache[p] for p in prompts]
         while len(self._text_cache) > 64:
             self._text_cache.popitem(last=False)
-        return torch.stack([self._text_cache[p] for p in prompts])
+        if negative and self.conditioner.zeros_for_empty_negative:
+            encoded = [self.conditioner.zeros(e) if p == "" else e for p, e in zip(prompts, encoded)]
+        context = torch.stack([e.context for e in encoded])
+        pooled = torch.stack([e.pooled for e in encoded]) if encoded and encoded[0].pooled is not None else None
+        return context, pooled
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[B] prompts -> [B, L, D] contexts (encode_prompts without the pooled embeddings)."""
+        return self.encode_prompts(prompts)[0]
 
     # --- latents <-> images -------------------------------------------------
 
@@ -310,6 +323,16 @@ class StableDiffusion:
             out.append(batch)
         return out
 
+    def _added_conditioning(self, pooled_uncond, pooled, width: int, height: int) -> dict:
+        """The UNet's added conditioning, for the rows [unconditional, conditional]: SDXL's (text_time) pooled
+        text embeddings and micro-conditioning time_ids, diffusers' defaults (original size = target size = the
+        image's, crop at the top-left corner), the same for the negative rows. Other UNets take none: {}."""
+        if self.unet.config.addition_embed_type != "text_time":
+            return {}
+        text_embeds = torch.cat([pooled_uncond, pooled]).to(self.dtype)                       # [2B', P]
+        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=self.dtype, device=self.device)
+        return {"text_embeds": text_embeds, "time_ids": time_ids.expand(len(text_embeds), -1)}  # [2B', 6]
+
     def _generate(self, requests, mode, steps, sampler, width, height, strength, eta, callback) -> torch.Tensor:
         f, C = self.latent_factor, self.vae.config.latent_channels
         shape = (C, height // f, width // f)
@@ -326,11 +349,13 @@ class StableDiffusion:
         # text: conditional contexts for all images, unconditional ones only where guidance needs them
         scales = torch.tensor(expand([float(r.guidance_scale) for r in requests]), device=self.device)
         guided = torch.nonzero(scales != 1.0).flatten()          # images that need the unconditional pass
-        cond = self.encode_text(expand([r.prompt for r in requests]))
-        uncond = self.encode_text([expand([r.negative_prompt for r in requests])[i] for i in guided.tolist()]) \
-            if len(guided) else cond[:0]
+        cond, pooled = self.encode_prompts(expand([r.prompt for r in requests]))
+        negatives = [expand([r.negative_prompt for r in requests])[i] for i in guided.tolist()]
+        uncond, pooled_uncond = self.encode_prompts(negatives, negative=True) if negatives else \
+            (cond[:0], None if pooled is None else pooled[:0])
         context = torch.cat([uncond, cond])
         g = scales[guided].view(-1, 1, 1, 1)
+        added = self._added_conditioning(pooled_uncond, pooled, width, height)
 
         # input images (img2img, inpaint), all at the batch's size
         x0 = masks = masked_latents = None
@@ -363,7 +388,8 @@ class StableDiffusion:
             if masked_latents is not None:  # 9-channel UNet: [latents, mask, masked-image latents]
                 x_in = torch.cat([x_in, masks, masked_latents], dim=1)
             x_in = torch.cat([x_in[guided], x_in]).to(self.dtype)
-            eps = (self.compiled or self.unet)(x_in, t.to(self.device), context).float()
+            unet = self.unet if added else (self.compiled or self.unet)  # (compiled packages: SD 1.x / 2.x shapes)
+            eps = unet(x_in, t.to(self.device), context, **added).float()
             eps_uncond, eps = eps[: len(guided)], eps[len(guided):].clone()
             eps[guided] = eps_uncond + g * (eps[guided] - eps_uncond)
             return samplers.to_x0(x, sigma, eps, self.schedule.prediction_type)

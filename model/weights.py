@@ -58,6 +58,11 @@ class Components:
     vae: AutoencoderKL
     unet: UNet
     scheduler_config: dict      # a diffusers scheduler_config.json dict; {} when the weights carry none
+    # SDXL: its second tokenizer and text encoder (OpenCLIP bigG with a projection), and whether an empty
+    # negative prompt is zeros rather than the encoded empty string (model_index.json's flag)
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModel | None = None
+    force_zeros_for_empty_prompt: bool = False
 
 
 def _some(keys, n=10):
@@ -411,7 +416,10 @@ def _load_native(path, device, dtype, tokenizer):
                            f"this code reads ({FORMAT_VERSION})")
     models = {}
     for name, cls, config_cls in (("text_encoder", CLIPTextModel, CLIPTextConfig),
+                                  ("text_encoder_2", CLIPTextModel, CLIPTextConfig),
                                   ("vae", AutoencoderKL, VAEConfig), ("unet", UNet, UNetConfig)):
+        if name == "text_encoder_2" and name not in config:  # one text encoder (SD 1.x, 2.x)
+            continue
         try:
             model_config = config_cls(**config[name])
         except (KeyError, TypeError, ValueError) as e:
@@ -419,8 +427,10 @@ def _load_native(path, device, dtype, tokenizer):
         file = path / f"{name}.safetensors"
         models[name] = load_model(cls, model_config, read_state_dict(file), file, device, dtype)
     scheduler = path / "scheduler_config.json"
-    return Components(tokenizer=_tokenizer(tokenizer, [path], path), **models,
-                      scheduler_config=_read_json(scheduler) if scheduler.is_file() else {})
+    second = {"tokenizer_2": _tokenizer(None, [path / "tokenizer_2"], path)} if "text_encoder_2" in models else {}
+    return Components(tokenizer=_tokenizer(tokenizer, [path], path), **models, **second,
+                      scheduler_config=_read_json(scheduler) if scheduler.is_file() else {},
+                      force_zeros_for_empty_prompt=bool(config.get("force_zeros_for_empty_prompt", False)))
 
 
 _DIFFUSERS_WEIGHT_FILES = [f"{base}{variant}.{ext}"
@@ -471,8 +481,16 @@ def _load_diffusers(path, device, dtype, tokenizer):
     vae = part("vae", AutoencoderKL, VAEConfig, lambda state: {_legacy_vae_names(k): v for k, v in state.items()})
     unet = part("unet", UNet, UNetConfig)
     scheduler = path / "scheduler" / "scheduler_config.json"
+    second = {}
+    if (path / "text_encoder_2").is_dir():  # SDXL
+        second = {"text_encoder_2": part("text_encoder_2", CLIPTextModel, CLIPTextConfig, _clip_from_transformers),
+                  "tokenizer_2": _tokenizer(None, [path / "tokenizer_2"], path),
+                  # diffusers' SDXL pipelines default to True when model_index.json does not say
+                  "force_zeros_for_empty_prompt": bool(_read_json(path / "model_index.json").get(
+                      "force_zeros_for_empty_prompt", True))}
     return Components(tokenizer=_tokenizer(tokenizer, [path / "tokenizer"], path), text_encoder=text_encoder,
-                      vae=vae, unet=unet, scheduler_config=_read_json(scheduler) if scheduler.is_file() else {})
+                      vae=vae, unet=unet, scheduler_config=_read_json(scheduler) if scheduler.is_file() else {},
+                      **second)
 
 
 # keys of an original checkpoint that are not weights of the three networks: the training noise schedule
@@ -583,13 +601,19 @@ def save_native(components, path):
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     c = components
-    for name, model in (("text_encoder", c.text_encoder), ("vae", c.vae), ("unet", c.unet)):
+    models = {"text_encoder": c.text_encoder, "text_encoder_2": c.text_encoder_2, "vae": c.vae, "unet": c.unet}
+    models = {name: model for name, model in models.items() if model is not None}
+    for name, model in models.items():
         save_file(_tensors(model), str(path / f"{name}.safetensors"), metadata={"format": "pt"})
     if c.tokenizer is not None:
         c.tokenizer.save(path)
+    if c.tokenizer_2 is not None:
+        c.tokenizer_2.save(path / "tokenizer_2")
     (path / "scheduler_config.json").write_text(json.dumps(c.scheduler_config or {}, indent=2) + "\n")
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "text_encoder": c.text_encoder.config.to_dict(),
-              "vae": c.vae.config.to_dict(), "unet": c.unet.config.to_dict()}
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION,
+              **{name: model.config.to_dict() for name, model in models.items()}}
+    if c.text_encoder_2 is not None:
+        config["force_zeros_for_empty_prompt"] = c.force_zeros_for_empty_prompt
     # written last: a folder is only recognised as native once everything else is there
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -603,6 +627,8 @@ def save_original(components, file):
     file = Path(file)
     if file.suffix != ".safetensors":
         raise ValueError(f"{file}: save_original writes safetensors; name the file *.safetensors")
+    if components.text_encoder_2 is not None:
+        raise ValueError(f"{file}: save_original writes SD 1.x single files; an SDXL one is not supported yet")
     c = components
     state = {}
     for k, v in _tensors(c.unet).items():

@@ -1,9 +1,16 @@
 """
-The SD 2.x family through the same StableDiffusion API: a random-initialised diffusers StableDiffusionPipeline
-with an SD 2.x-style config (OpenCLIP-style gelu text encoder, a tokenizer that pads with "!", linear
-projections in the spatial transformers, heads per level, upcast attention, a v-prediction DDIM schedule as
-stabilityai/stable-diffusion-2-1 ships it) saved to disk, loaded here: txt2img within 2/255 of diffusers for
-ddim, euler and dpmpp_2m, with a negative prompt and with an empty one.
+The SD 2.x and SDXL families through the same StableDiffusion API, each a random-initialised diffusers pipeline
+saved to disk and loaded here; txt2img within 2/255 of diffusers for ddim, euler and dpmpp_2m, with a negative
+prompt and with an empty one:
+
+  SD 2.x  StableDiffusionPipeline: OpenCLIP-style gelu text encoder, a tokenizer that pads with "!", linear
+          projections in the spatial transformers, heads per level, upcast attention, a v-prediction DDIM
+          schedule as stabilityai/stable-diffusion-2-1 ships it;
+  SDXL    StableDiffusionXLPipeline: two text encoders (the second with a projection, its tokenizer padding
+          with "!"), penultimate states side by side, pooled text + size micro-conditioning (text_time), a first
+          level without attention, transformer depth per level, Euler "leading" as SDXL base ships it, and
+          force_zeros_for_empty_prompt (an empty negative prompt is zeros). Also: its native copy generates the
+          same image.
 """
 
 import diffusers
@@ -76,3 +83,98 @@ def test_sd2_txt2img_equals_diffusers(sd2, sampler, negative):
     assert diff <= 2, f"{sampler}, negative {negative!r}: max pixel difference {diff}/255"
     print(f"\nSD 2.x {sampler}, negative {negative!r}: max pixel difference {diff}/255")
 
+
+
+# -----------------------------------------------------------------------------
+# SDXL
+
+
+def sdxl_reference(tmp):
+    """A small StableDiffusionXLPipeline with diffusers' random init, saved as diffusers saves it."""
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(make_tokenizer_dir(tmp / "tok")))
+    tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(str(make_tokenizer_dir(tmp / "tok2", pad_token="!")))
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tokenizer), max_position_embeddings=77, num_hidden_layers=3, num_attention_heads=4,
+                  eos_token_id=2)  # (as SDXL's configs: pooled at the largest id, the end-of-text token)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, hidden_act="quick_gelu", **common))
+    text_encoder_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        hidden_size=48, intermediate_size=96, hidden_act="gelu", projection_dim=40, **common))
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32 + 48, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=40 + 6 * 8)
+    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 steps_offset=1, timestep_spacing="leading")
+    pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                               tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                               scheduler=scheduler)
+    pipe.save_pretrained(tmp / "sdxl")
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp / "sdxl", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, tmp / "sdxl"
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    ref, path = sdxl_reference(tmp_path_factory.mktemp("sdxl"))
+    return ref, StableDiffusion.from_pretrained(path)
+
+
+def sdxl_expected(ref, sampler, negative, seed=42):
+    # (SDXL base's scheduler_config.json also says clip_sample false, set_alpha_to_one false: DDIM built from it
+    # would otherwise take diffusers' DDIM defaults, true and true)
+    ref.scheduler = SCHEDULERS[sampler].from_config(ref.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    return ref("a large red circle in the center", negative_prompt=negative or None, num_inference_steps=6,
+               guidance_scale=7.5, height=SIZE, width=SIZE, output_type="pil",
+               generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("negative", ["blurry", ""])
+def test_sdxl_txt2img_equals_diffusers(sdxl, sampler, negative):
+    ref, pipe = sdxl
+    assert ref.config.force_zeros_for_empty_prompt and pipe.native_size == SIZE
+    expected = sdxl_expected(ref, sampler, negative)
+    (got,) = pipe.txt2img("a large red circle in the center", negative_prompt=negative, steps=6, guidance_scale=7.5,
+                          sampler=sampler, seed=42)
+    diff = np.abs(pixels(expected) - pixels(got)).max()
+    assert pixels(got).std() > 1  # a real image, not a constant
+    assert diff <= 2, f"{sampler}, negative {negative!r}: max pixel difference {diff}/255"
+    print(f"\nSDXL {sampler}, negative {negative!r}: max pixel difference {diff}/255")
+
+
+def test_sdxl_empty_negative_is_zeros_and_the_native_copy_is_the_same_model(sdxl, tmp_path):
+    from model.weights import load, save_native
+
+    ref, pipe = sdxl
+    context, pooled = pipe.encode_prompts(["", "a cat"], negative=True)
+    assert not context[0].any() and not pooled[0].any() and context[1].any()  # "" as a negative prompt: zeros
+    context, pooled = pipe.encode_prompts([""])                               # as a prompt: the encoded text
+    assert context.shape == (1, 77, 32 + 48) and pooled.shape == (1, 40) and context.any()
+
+    save_native(load(pipe.source), tmp_path / "native")
+    native = StableDiffusion.from_pretrained(tmp_path / "native")
+    assert native.conditioner.dual and native.conditioner.zeros_for_empty_negative
+    a = pipe.txt2img("a blue square", steps=4, seed=3, sampler="euler")[0]
+    b = native.txt2img("a blue square", steps=4, seed=3, sampler="euler")[0]
+    assert np.array_equal(pixels(a), pixels(b))
+
+
+
+def test_sdxl_a_requests_image_does_not_depend_on_its_batch(sdxl):
+    from model import Request
+
+    _, pipe = sdxl
+    alone = pipe.generate([Request("a red circle", "", seed=11, guidance_scale=7.5)], steps=4, sampler="euler")[0][0]
+    batch = pipe.generate([Request("a green square", "blurry", seed=1, guidance_scale=3.0),
+                           Request("a red circle", "", seed=11, guidance_scale=7.5),
+                           Request("a white triangle", seed=2, guidance_scale=1.0, num_images=2)],
+                          steps=4, sampler="euler")
+    assert np.abs(pixels(alone) - pixels(batch[1][0])).max() <= 1
+    assert np.abs(pixels(alone) - pixels(batch[0][0])).max() > 1  # different requests really differ
