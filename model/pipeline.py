@@ -229,10 +229,12 @@ class StableDiffusion:
     # --- latents <-> images -------------------------------------------------
 
     @torch.inference_mode()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f] (the posterior mean: deterministic)."""
-        x = images.to(self.device, self.dtype)
-        return self.vae.encode(x).mean.float() * self.vae.config.scaling_factor
+    def encode_images(self, images: torch.Tensor, generators=None) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f]: the posterior mean (deterministic), or a
+        sample of the posterior with one generator per image (as diffusers' img2img draws it)."""
+        posterior = self.vae.encode(images.to(self.device, self.dtype))
+        z = posterior.mean if generators is None else posterior.sample(list(generators))
+        return z.float() * self.vae.config.scaling_factor
 
     @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -372,7 +374,13 @@ class StableDiffusion:
                 pixels += [to_tensor(image)] * r.num_images
                 pixel_masks += [m] * r.num_images
             pixels = torch.stack(pixels)
-            x0 = self.encode_images(pixels)
+            if mode == "img2img" and strength > 0:
+                # as diffusers: one posterior sample a request, drawn from its generator before its noise
+                firsts = [sum(counts[:i]) for i in range(len(requests))]
+                rows = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))  # request of each image
+                x0 = self.encode_images(pixels[firsts], generators)[rows]
+            else:  # strength 0 (the input's own latents), inpainting: the posterior mean
+                x0 = self.encode_images(pixels)
             if mode == "inpaint":
                 pixel_masks = torch.stack(pixel_masks).to(self.device)                        # [B, 1, H, W]
                 masks = F.adaptive_max_pool2d(pixel_masks, shape[1:])  # a latent cell is repainted if any pixel is

@@ -178,3 +178,24 @@ def test_sdxl_a_requests_image_does_not_depend_on_its_batch(sdxl):
                           steps=4, sampler="euler")
     assert np.abs(pixels(alone) - pixels(batch[1][0])).max() <= 1
     assert np.abs(pixels(alone) - pixels(batch[0][0])).max() > 1  # different requests really differ
+
+
+def test_sdxl_img2img_equals_diffusers(sdxl):
+    """As diffusers, the input's latents are a sample of the VAE posterior drawn from the request's generator
+    before its noise (one sample a request, shared by its images)."""
+    from PIL import Image
+
+    ref, pipe = sdxl
+    img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**ref.components)
+    img2img.set_progress_bar_config(disable=True)
+    img2img.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    for negative, n in (("blurry", 1), ("", 2)):
+        expected = img2img("a blue square", image=image, strength=0.6, num_inference_steps=10, guidance_scale=5.0,
+                           negative_prompt=negative or None, num_images_per_prompt=n,
+                           generator=torch.Generator("cpu").manual_seed(3)).images
+        got = pipe.img2img(image, "a blue square", negative_prompt=negative, strength=0.6, steps=10,
+                           guidance_scale=5.0, seed=3, sampler="euler", num_images=n)
+        diffs = [np.abs(pixels(e) - pixels(g)).max() for e, g in zip(expected, got)]
+        assert len(got) == n and max(diffs) <= 2, diffs
+        print(f"\nSDXL img2img, negative {negative!r}, {n} image(s): max pixel difference {max(diffs)}/255")

@@ -136,6 +136,22 @@ def test_img2img_strength_zero_returns_the_input(pipe):
     assert np.abs(pixels(out) - expected).max() <= 1
 
 
+def test_img2img_equals_diffusers(reference, pipe):
+    """The input's latents are a sample of the VAE posterior from the request's generator, drawn before its noise,
+    as diffusers' StableDiffusionImg2ImgPipeline draws them: the same image for the same seed."""
+    ref, _ = reference
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
+    img2img.set_progress_bar_config(disable=True)
+    img2img.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    expected = img2img("a blue square", image=image, strength=0.6, num_inference_steps=10, guidance_scale=5.0,
+                       negative_prompt="blurry", num_images_per_prompt=2,
+                       generator=torch.Generator("cpu").manual_seed(3)).images
+    got = pipe.img2img(image, "a blue square", negative_prompt="blurry", strength=0.6, steps=10, guidance_scale=5.0,
+                       seed=3, num_images=2)
+    assert max(np.abs(pixels(e) - pixels(g)).max() for e, g in zip(expected, got)) <= 2
+
+
 def test_img2img_strength_picks_the_start_step(pipe):
     """As in diffusers: strength s of n steps runs the last int(n * s) of them."""
     image = Image.new("RGB", (SIZE, SIZE), (200, 30, 30))
