@@ -132,6 +132,8 @@ class StableDiffusion:
                                            components.text_encoder_2, components.force_zeros_for_empty_prompt)
         self.vae = components.vae
         self.unet = components.unet
+        if self.conditioner.dual and self.vae.config.force_upcast and self.vae_dtype == torch.float16:
+            self.vae.float()  # as diffusers' SDXL pipelines (only they honour the flag): SDXL's VAE overflows in fp16
         self.schedule = (samplers.Schedule.from_diffusers(components.scheduler_config)
                          if components.scheduler_config else samplers.Schedule.sd15())
         self.name = name
@@ -187,6 +189,11 @@ class StableDiffusion:
         return next(self.unet.parameters()).dtype
 
     @property
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE's own: the UNet's, but fp32 for an SDXL VAE that says force_upcast under fp16."""
+        return next(self.vae.parameters()).dtype
+
+    @property
     def latent_factor(self) -> int:
         return self.vae.config.downsample_factor
 
@@ -232,14 +239,14 @@ class StableDiffusion:
     def encode_images(self, images: torch.Tensor, generators=None) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f]: the posterior mean (deterministic), or a
         sample of the posterior with one generator per image (as diffusers' img2img draws it)."""
-        posterior = self.vae.encode(images.to(self.device, self.dtype))
+        posterior = self.vae.encode(images.to(self.device, self.vae_dtype))
         z = posterior.mean if generators is None else posterior.sample(list(generators))
         return z.float() * self.vae.config.scaling_factor
 
     @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> [B, 3, H, W] in [-1, 1]."""
-        x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.dtype))
+        x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae_dtype))
         return x.float().clamp(-1, 1)
 
     # --- the public calls ---------------------------------------------------
@@ -377,7 +384,7 @@ class StableDiffusion:
             if mode == "img2img" and strength > 0:
                 # as diffusers: one posterior sample a request, drawn from its generator before its noise
                 firsts = [sum(counts[:i]) for i in range(len(requests))]
-                rows = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))  # request of each image
+                rows = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))  # image -> request
                 x0 = self.encode_images(pixels[firsts], generators)[rows]
             else:  # strength 0 (the input's own latents), inpainting: the posterior mean
                 x0 = self.encode_images(pixels)

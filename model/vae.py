@@ -47,8 +47,11 @@ class VAEConfig:
     block_out_channels: tuple = (128, 256, 512, 512)  # channels of each resolution level
     layers_per_block: int = 2           # ResnetBlocks per encoder level (decoder levels have one more)
     norm_num_groups: int = 32
-    scaling_factor: float = 0.18215     # latents * scaling_factor have roughly unit variance
+    scaling_factor: float = 0.18215     # latents * scaling_factor have roughly unit variance (SDXL: 0.13025)
     sample_size: int = 512              # image size the model was trained at
+    force_upcast: bool = True           # diffusers' flag: run this VAE in fp32 when the model runs in fp16. Only
+                                        # SDXL pipelines honour it (SDXL's VAE overflows in fp16: black images);
+                                        # the fp16-fixed SDXL VAEs say False
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)  # lists from JSON compare equal
@@ -85,6 +88,7 @@ class VAEConfig:
             norm_num_groups=d.get("norm_num_groups", 32),
             scaling_factor=d.get("scaling_factor", 0.18215),
             sample_size=d.get("sample_size", 32),
+            force_upcast=bool(d.get("force_upcast", True)),
         )
 
     def to_dict(self):
