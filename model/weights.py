@@ -525,10 +525,27 @@ def _load_original_part(state, prefix, cls, infer_config, to_original, file, dev
     return load_model(cls, config, native, file, device, dtype, names=names)
 
 
+# what an original single file of another family looks like: (a key prefix it has, what it is, what to do)
+_OTHER_FAMILIES = [
+    ("conditioner.embedders.1.model.", "an SDXL checkpoint (two text encoders, conditioner.embedders.*)",
+     "SDXL single files are not supported yet: load its diffusers folder (diffusers' from_single_file, then "
+     "save_pretrained, makes one)"),
+    ("cond_stage_model.model.", "an SD 2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.*)",
+     "SD 2.x single files are not supported yet: load its diffusers folder"),
+    ("model.diffusion_model.joint_blocks.", "an SD3 checkpoint (MMDiT, joint_blocks.*)",
+     "SD3 is not a family this project runs (SD 1.x, 2.x, SDXL)"),
+    ("model.diffusion_model.double_blocks.", "a Flux checkpoint (double_blocks.*)",
+     "Flux is not a family this project runs (SD 1.x, 2.x, SDXL)"),
+    ("double_blocks.", "a Flux checkpoint (double_blocks.*)",
+     "Flux is not a family this project runs (SD 1.x, 2.x, SDXL)"),
+]
+
+
 def _load_single_file(file, device, dtype, tokenizer):
     state = read_state_dict(file)
-    if any(k.startswith(("cond_stage_model.model.", "conditioner.")) for k in state):
-        raise WeightsError(f"{file}: an SD 2.x or SDXL checkpoint (OpenCLIP text encoder); only SD 1.x is supported")
+    for prefix, looks, advice in _OTHER_FAMILIES:
+        if any(k.startswith(prefix) for k in state):
+            raise WeightsError(f"{file}: looks like {looks}; {advice}")
     for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE"), (CLIP_PREFIX, "text encoder")):
         if not any(k.startswith(prefix) for k in state):
             raise WeightsError(f"{file}: not an SD 1.x checkpoint: no {what} keys ({prefix}*); "
@@ -566,6 +583,10 @@ def detect_layout(path):
             return "native"
     if (path / "unet" / "config.json").is_file():
         return "diffusers"
+    index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    if index:  # a diffusers pipeline of another kind (SD3, Flux, ...: a transformer/ instead of a unet/)
+        raise WeightsError(f"{path}: a diffusers {index.get('_class_name', 'pipeline')} without a unet/: not a "
+                           f"family this project runs (SD 1.x, 2.x, SDXL)")
     raise WeightsError(f"{path}: not a weights folder: expected config.json with \"format\": \"{FORMAT}\" (native) "
                        f"or model_index.json with unet/ vae/ text_encoder/ tokenizer/ subfolders (diffusers)")
 

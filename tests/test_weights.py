@@ -350,3 +350,22 @@ def test_truncated_safetensors_data_is_named(tmp_path):
     file.write_bytes(file.read_bytes()[:-100])
     with pytest.raises(WeightsError, match="w.safetensors: not a readable .safetensors file"):
         read_state_dict(file)
+
+
+@pytest.mark.parametrize("key, looks", [
+    ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "an SDXL checkpoint"),
+    ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", "an SD 2.x checkpoint"),
+    ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "an SD3 checkpoint"),
+    ("double_blocks.0.img_attn.qkv.weight", "a Flux checkpoint"),
+    ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "a Flux checkpoint"),
+], ids=["sdxl", "sd2", "sd3", "flux", "flux-prefixed"])
+def test_a_single_file_of_another_family_is_named(tmp_path, key, looks):
+    file = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(2, 2), "first_stage_model.decoder.conv_in.weight": torch.zeros(1)}, str(file))
+    refused(file, str(file), looks)
+
+
+def test_a_diffusers_pipeline_of_another_family_is_named(tmp_path):
+    (tmp_path / "sd3" / "transformer").mkdir(parents=True)
+    (tmp_path / "sd3" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    refused(tmp_path / "sd3", "StableDiffusion3Pipeline", "not a family this project runs")
