@@ -104,7 +104,8 @@ class Schedule:
             raise ValueError(f"timestep_spacing {self.timestep_spacing!r} is not supported "
                              f"(use {_one_of(_SPACINGS)}, or leave it out for the sampler's default)")
         if self.prediction_type not in _PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported (use {_one_of(_PREDICTION_TYPES)})")
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported "
+                             f"(use {_one_of(_PREDICTION_TYPES)})")
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
 

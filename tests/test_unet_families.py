@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from model import attention
 from model.unet import UNet, UNetConfig
+from test_unet import randomize_
 
 TOL = 1e-4          # max abs difference, fp32
 BF16_TOL = 0.1      # bf16: both sides round every layer to 8 bits of mantissa
@@ -73,16 +74,6 @@ SDXL_REFINER = {  # stabilityai/stable-diffusion-xl-refiner-1.0: 4 levels, atten
     "projection_class_embeddings_input_dim": 2560, "transformer_layers_per_block": 4,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
 }
-
-
-def randomize_(model, seed=0):
-    """Perturb every parameter (norm scales and zero-initialised biases included) so that each one matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            scale = 0.5 * p.std().item() if p.numel() > 1 and p.std() > 0 else 0.1
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def saved_reference_and_ours(diffusers_config, folder, seed=0):
@@ -191,7 +182,8 @@ def test_bf16_with_upcast_attention_close_to_diffusers(tmp_path, monkeypatch, fa
     assert torch.isfinite(got).all()
     err = (got.float() - want.float()).abs().max().item()
     scale = want.float().abs().max().item()
-    print(f"{family} bf16, upcast_attention{' (explicit fp32)' if explicit else ''}: max abs error {err:.4f} (outputs up to {scale:.2f}), "
+    path = " (explicit fp32)" if explicit else ""
+    print(f"{family} bf16, upcast_attention{path}: max abs error {err:.4f} (outputs up to {scale:.2f}), "
           f"{time.perf_counter() - start:.2f} s")
     assert err < BF16_TOL * max(scale, 1.0), (err, scale)
 
