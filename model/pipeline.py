@@ -58,6 +58,26 @@ class Request:
     num_images: int = 1
     image: Optional[Image.Image] = None  # img2img / inpaint input
     mask: Optional[Image.Image] = None   # inpaint: white = repaint; None = the image's transparent pixels
+    # SDXL's micro-conditioning, (height, width) / (top, left) pairs as diffusers takes them; other families
+    # ignore them. None: the image's own size. The negative rows use the same unless both negative sizes are given.
+    original_size: Optional[tuple[int, int]] = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: Optional[tuple[int, int]] = None
+    negative_original_size: Optional[tuple[int, int]] = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: Optional[tuple[int, int]] = None
+
+    def time_ids(self, width: int, height: int, negative: bool = False) -> list[int]:
+        """SDXL's six numbers for this request's (negative) rows: original size, crop top-left, target size."""
+        if negative and self.negative_original_size is not None and self.negative_target_size is not None:
+            sizes = (self.negative_original_size, self.negative_crops_coords_top_left, self.negative_target_size)
+        else:
+            sizes = (self.original_size, self.crops_coords_top_left, self.target_size)
+        original, crop, target = sizes
+        return [*(original or (height, width)), *crop, *(target or (height, width))]
+
+
+MAX_MICRO = 16384  # the largest number SDXL's micro-conditioning takes here (pixels)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -80,6 +100,12 @@ def _check_request(r: Request, mode: str) -> None:
     _check(isinstance(r.num_images, int) and r.num_images >= 1, f"num_images must be an integer >= 1, got {r.num_images!r}")
     if mode != "txt2img":
         _check(isinstance(r.image, Image.Image), f"image is required for {mode}")
+    for name in ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                 "negative_crops_coords_top_left", "negative_target_size"):
+        v, least = getattr(r, name), 0 if "crops" in name else 1
+        _check(v is None or (isinstance(v, (tuple, list)) and len(v) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) and least <= x <= MAX_MICRO for x in v)),
+            f"{name} must be two integers in [{least}, {MAX_MICRO}], got {v!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -253,29 +279,32 @@ class StableDiffusion:
 
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 30, guidance_scale: float = 7.5,
                 sampler: str = "ddim", seed: int = 0, width: Optional[int] = None, height: Optional[int] = None,
-                num_images: int = 1, eta: float = 0.0, callback: Optional[Callable[[int, int], None]] = None):
-        """Images from text. Returns num_images PIL images."""
-        r = Request(prompt, negative_prompt, seed, guidance_scale, num_images)
+                num_images: int = 1, eta: float = 0.0, callback: Optional[Callable[[int, int], None]] = None,
+                **micro_conditioning):
+        """Images from text. Returns num_images PIL images. micro_conditioning: SDXL's original_size,
+        crops_coords_top_left, target_size and their negative_ counterparts (see Request)."""
+        r = Request(prompt, negative_prompt, seed, guidance_scale, num_images, **micro_conditioning)
         return self.generate([r], mode="txt2img", steps=steps, sampler=sampler, width=width, height=height,
                              eta=eta, callback=callback)[0]
 
     def img2img(self, image: Image.Image, prompt: str, strength: float = 0.75, negative_prompt: str = "",
                 steps: int = 30, guidance_scale: float = 7.5, sampler: str = "ddim", seed: int = 0,
                 width: Optional[int] = None, height: Optional[int] = None, num_images: int = 1, eta: float = 0.0,
-                callback: Optional[Callable[[int, int], None]] = None):
+                callback: Optional[Callable[[int, int], None]] = None, **micro_conditioning):
         """Images from an image and text: noise the image to the step `strength` picks (1 = all the way,
         as txt2img; 0 = not at all, the input comes back through the VAE) and denoise from there."""
-        r = Request(prompt, negative_prompt, seed, guidance_scale, num_images, image=image)
+        r = Request(prompt, negative_prompt, seed, guidance_scale, num_images, image=image, **micro_conditioning)
         return self.generate([r], mode="img2img", steps=steps, sampler=sampler, width=width, height=height,
                              strength=strength, eta=eta, callback=callback)[0]
 
     def inpaint(self, image: Image.Image, mask: Optional[Image.Image], prompt: str, strength: float = 1.0,
                 negative_prompt: str = "", steps: int = 30, guidance_scale: float = 7.5, sampler: str = "ddim",
                 seed: int = 0, width: Optional[int] = None, height: Optional[int] = None, num_images: int = 1,
-                eta: float = 0.0, callback: Optional[Callable[[int, int], None]] = None):
+                eta: float = 0.0, callback: Optional[Callable[[int, int], None]] = None, **micro_conditioning):
         """Repaint the white part of `mask` (or the image's transparent pixels when mask is None);
         every pixel outside the mask comes back unchanged."""
-        r = Request(prompt, negative_prompt, seed, guidance_scale, num_images, image=image, mask=mask)
+        r = Request(prompt, negative_prompt, seed, guidance_scale, num_images, image=image, mask=mask,
+                    **micro_conditioning)
         return self.generate([r], mode="inpaint", steps=steps, sampler=sampler, width=width, height=height,
                              strength=strength, eta=eta, callback=callback)[0]
 
@@ -332,15 +361,19 @@ class StableDiffusion:
             out.append(batch)
         return out
 
-    def _added_conditioning(self, pooled_uncond, pooled, width: int, height: int) -> dict:
-        """The UNet's added conditioning, for the rows [unconditional, conditional]: SDXL's (text_time) pooled
-        text embeddings and micro-conditioning time_ids, diffusers' defaults (original size = target size = the
-        image's, crop at the top-left corner), the same for the negative rows. Other UNets take none: {}."""
+    def _added_conditioning(self, per_image: list, guided: list, pooled_uncond, pooled, width: int,
+                            height: int) -> dict:
+        """The UNet's added conditioning, for the rows [unconditional (the guided images), conditional (every
+        image)]: SDXL's (text_time) pooled text embeddings and micro-conditioning time_ids (each image's
+        request's; by default original size = target size = the image's, crop at the top-left corner, as
+        diffusers). Other UNets take none: {}. per_image: the request of each image."""
         if self.unet.config.addition_embed_type != "text_time":
             return {}
-        text_embeds = torch.cat([pooled_uncond, pooled]).to(self.dtype)                       # [2B', P]
-        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=self.dtype, device=self.device)
-        return {"text_embeds": text_embeds, "time_ids": time_ids.expand(len(text_embeds), -1)}  # [2B', 6]
+        text_embeds = torch.cat([pooled_uncond, pooled]).to(self.dtype)                       # [B' + B, P]
+        rows = [per_image[i].time_ids(width, height, negative=True) for i in guided] + \
+               [r.time_ids(width, height) for r in per_image]
+        time_ids = torch.tensor(rows, dtype=self.dtype, device=self.device)                  # [B' + B, 6]
+        return {"text_embeds": text_embeds, "time_ids": time_ids}
 
     def _generate(self, requests, mode, steps, sampler, width, height, strength, eta, callback) -> torch.Tensor:
         f, C = self.latent_factor, self.vae.config.latent_channels
@@ -364,7 +397,7 @@ class StableDiffusion:
             (cond[:0], None if pooled is None else pooled[:0])
         context = torch.cat([uncond, cond])
         g = scales[guided].view(-1, 1, 1, 1)
-        added = self._added_conditioning(pooled_uncond, pooled, width, height)
+        added = self._added_conditioning(expand(requests), guided.tolist(), pooled_uncond, pooled, width, height)
 
         # input images (img2img, inpaint), all at the batch's size
         x0 = masks = masked_latents = None

@@ -69,4 +69,6 @@ def error_message(err: dict, rules: dict[str, str]) -> str:
         return err["msg"].removeprefix("Value error, ")
     if name in rules:
         return f"{name} must be {rules[name]}{given}"
+    if loc and loc[0] in rules:  # an item of a list field ("original_size.0"): the field's rule
+        return f"{loc[0]} must be {rules[loc[0]]} ({name}{given})"
     return f"{name}: {err.get('msg', 'invalid')}{given}"

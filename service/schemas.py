@@ -6,10 +6,11 @@ the server really enforces. Every field's `description` starts with its rule, up
 a 422 quotes it, "steps must be an integer in [1, 150], got 500".
 """
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from model.pipeline import MAX_MICRO
 from model.samplers import SAMPLERS
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
@@ -26,8 +27,8 @@ def request_models(settings) -> dict[str, type[BaseModel]]:
     side_rule = (f"a multiple of 8 in [8, {MAX_SIDE}], with width * height at most {settings.max_pixels}; "
                  "default: the model's native size (txt2img) or the uploaded image's size rounded down to 8")
 
-    class Txt2ImgRequest(BaseModel):
-        """Text-to-image: what to draw and how."""
+    class Generation(BaseModel):
+        """What every mode shares: what to draw and how."""
         model_config = ConfigDict(extra="forbid")
 
         prompt: str = Field(..., max_length=4000, description="text of at most 4000 characters; what to draw",
@@ -53,12 +54,27 @@ def request_models(settings) -> dict[str, type[BaseModel]]:
                                  f"got {self.width}x{self.height} = {self.width * self.height}")
             return self
 
-    class Img2ImgRequest(Txt2ImgRequest):
+    micro_rule = (f"two integers [height, width] in [1, {MAX_MICRO}]; SDXL's micro-conditioning (other families "
+                  "ignore it); default: the image's size")
+    crop_rule = f"two integers [top, left] in [0, {MAX_MICRO}]; SDXL's micro-conditioning; default [0, 0]"
+    Pair = Annotated[list[Annotated[int, Field(ge=1, le=MAX_MICRO)]], Field(min_length=2, max_length=2)]
+    Crop = Annotated[list[Annotated[int, Field(ge=0, le=MAX_MICRO)]], Field(min_length=2, max_length=2)]
+
+    class Txt2ImgRequest(Generation):
+        """Text-to-image: what to draw and how (JSON)."""
+        original_size: Optional[Pair] = Field(None, description=micro_rule)
+        crops_coords_top_left: Optional[Crop] = Field(None, description=crop_rule)
+        target_size: Optional[Pair] = Field(None, description=micro_rule)
+        negative_original_size: Optional[Pair] = Field(None, description=micro_rule + " (with negative_target_size)")
+        negative_crops_coords_top_left: Optional[Crop] = Field(None, description=crop_rule)
+        negative_target_size: Optional[Pair] = Field(None, description=micro_rule + " (with negative_original_size)")
+
+    class Img2ImgRequest(Generation):
         """Image-to-image (multipart form fields; the image is the `image` file)."""
         model_config = ConfigDict(extra="ignore")  # the form also carries the files
         strength: float = Field(0.75, ge=0, le=1, description="a number in [0, 1]; how far to move from the input")
 
-    class InpaintRequest(Txt2ImgRequest):
+    class InpaintRequest(Generation):
         """Inpainting (multipart form fields; files `image` and optional `mask`, white = repaint;
         without a mask the image's transparent pixels are repainted)."""
         model_config = ConfigDict(extra="ignore")

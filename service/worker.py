@@ -42,6 +42,8 @@ log = logging.getLogger("sd.worker")
 
 TAKE_BLOCK = 1.0       # seconds a take blocks when the queue is empty (how soon a stop is noticed)
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 8.0  # seconds between tries while the queue is unreachable
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                      "negative_crops_coords_top_left", "negative_target_size")  # job params passed to Request
 
 
 class QueueLost(Exception):
@@ -211,8 +213,9 @@ class Worker:
             p = job.params
             image = _open_image(job.inputs["image"], "image") if "image" in job.inputs else None
             mask = _open_image(job.inputs["mask"], "mask") if "mask" in job.inputs else None
+            micro = {k: tuple(p[k]) for k in MICRO_CONDITIONING if p.get(k) is not None}  # (SDXL's; JSON lists)
             requests.append(Request(p["prompt"], p["negative_prompt"], p["seed"], p["guidance_scale"],
-                                    p["num_images"], image=image, mask=mask))
+                                    p["num_images"], image=image, mask=mask, **micro))
         step_times: list[float] = []
         last = [time.monotonic()]  # the previous step's end
 

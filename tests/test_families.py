@@ -214,3 +214,55 @@ def test_fp16_on_the_cpu_runs_and_sdxls_vae_stays_fp32(family, sd2, sdxl):
     (full,) = pipe32.txt2img("a red circle", steps=4, seed=5, sampler="euler")
     diff = np.abs(pixels(half) - pixels(full))
     assert pixels(half).std() > 1 and diff.mean() < 4, (diff.max(), diff.mean())
+
+
+def test_sdxl_micro_conditioning_equals_diffusers(sdxl):
+    """original_size, crops_coords_top_left, target_size and the negative ones reach the UNet as diffusers sends
+    them; two requests with different ones share a batch and each gets its own image."""
+    from model import Request
+
+    ref, pipe = sdxl
+    micro = dict(original_size=(64, 48), crops_coords_top_left=(4, 8), target_size=(40, 24),
+                 negative_original_size=(16, 16), negative_crops_coords_top_left=(2, 0), negative_target_size=(32, 32))
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    expected = ref("a large red circle", negative_prompt="blurry", num_inference_steps=6, guidance_scale=7.5,
+                   height=SIZE, width=SIZE, generator=torch.Generator("cpu").manual_seed(42), **micro).images[0]
+    (got,) = pipe.txt2img("a large red circle", negative_prompt="blurry", steps=6, guidance_scale=7.5,
+                          sampler="euler", seed=42, **micro)
+    default = pipe.txt2img("a large red circle", negative_prompt="blurry", steps=6, guidance_scale=7.5,
+                           sampler="euler", seed=42)[0]
+    assert np.abs(pixels(expected) - pixels(got)).max() <= 2
+    assert np.abs(pixels(default) - pixels(got)).max() > 2  # the numbers matter
+    batch = pipe.generate([Request("a large red circle", "blurry", seed=42, **micro),
+                           Request("a large red circle", "blurry", seed=42)], steps=6, sampler="euler")
+    assert np.abs(pixels(batch[0][0]) - pixels(got)).max() <= 1
+    assert np.abs(pixels(batch[1][0]) - pixels(default)).max() <= 1
+    with pytest.raises(ValueError, match="original_size must be two integers"):
+        pipe.txt2img("x", steps=1, original_size=(0, 64))
+
+
+def test_sdxl_served_unchanged_with_its_micro_conditioning_fields(sdxl):
+    """The service serves SDXL as any model: POST /txt2img at its native size, and the native API's SDXL fields
+    (original_size, crops_coords_top_left, target_size, negative_*) give the image the Python API gives."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from service.api import create_app
+    from service.settings import Settings
+    from test_service_http import Server
+
+    _, pipe = sdxl
+    micro = dict(original_size=[64, 48], crops_coords_top_left=[4, 8], target_size=[40, 24])
+    with Server(create_app(Settings(weights=str(pipe.source)), pipe=pipe)) as server, \
+            httpx.Client(base_url=server.url, timeout=120) as c:
+        r = c.post("/txt2img", json={"prompt": "a red circle", "seed": 9, "steps": 3, "sampler": "euler", **micro})
+        assert r.status_code == 200, r.text
+        served = Image.open(io.BytesIO(r.content))
+        assert served.size == (pipe.native_size, pipe.native_size)
+        (direct,) = pipe.txt2img("a red circle", seed=9, steps=3, sampler="euler",
+                                 **{k: tuple(v) for k, v in micro.items()})
+        assert np.abs(pixels(served) - pixels(direct)).max() <= 1
+        bad = c.post("/txt2img", json={"prompt": "x", "original_size": [0, 64]})
+        assert bad.status_code == 422 and "original_size" in bad.json()["detail"]
