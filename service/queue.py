@@ -703,7 +703,7 @@ class RedisQueue:
         self._sync = None
         self._async = None
         self._held: dict[tuple[str, str], Job] = {}  # (lane, entry) -> the job this process is running under it
-        self._held_lock = threading.Lock()
+        self._held_lock = threading.Lock()  # guards _held, and the making of the blocking client
 
     # keys
     def stream(self, lane: str = NO_LANE) -> str:
@@ -835,12 +835,14 @@ class RedisQueue:
     def _redis(self):
         import redis
 
-        if self._sync is None:
-            self._sync = redis.Redis.from_url(self.url, socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT)
-            self._scripts = {name: self._sync.register_script(s) for name, s in (
-                ("take", _TAKE), ("reclaim", _RECLAIM), ("start", _START), ("progress", _PROGRESS),
-                ("end", _END), ("keep_alive", _KEEP_ALIVE))}
-        return self._sync
+        with self._held_lock:  # (the worker's loop and its keep-alive thread may both come first)
+            if self._sync is None:
+                client = redis.Redis.from_url(self.url, socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT)
+                self._scripts = {name: client.register_script(s) for name, s in (
+                    ("take", _TAKE), ("reclaim", _RECLAIM), ("start", _START), ("progress", _PROGRESS),
+                    ("end", _END), ("keep_alive", _KEEP_ALIVE))}
+                self._sync = client
+            return self._sync
 
     def _script(self, name: str, *args):
         self._redis()
