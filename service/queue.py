@@ -4,7 +4,7 @@ A job moves   queued -> running -> done | failed | cancelled   (running -> queue
 it is retried or its worker lets it go). Both queues have the same two faces:
 
   the API's (async):   submit, state, wait, result, cancel, depth, workers, stats, ping
-  a worker's (sync):   take, progress, finish, fail, cancelled, release, abandon, heartbeat, record
+  a worker's (sync):   take, progress, finish, fail, cancelled, release, abandon, keep_alive, record
 
 Fairness: every job belongs to a lane, its API key's (owner digest; "-" without keys). Workers take
 round-robin across the lanes that have waiting jobs, one job a lane a turn, so one key's backlog delays
@@ -347,11 +347,10 @@ class MemoryQueue:
         """The worker stopped these jobs without ending them (the queue failed under it): run them again."""
         self.release(jobs)
 
-    def heartbeat(self, consumer: str, ttl: float) -> None:
+    def keep_alive(self, consumer: str, ttl: float) -> None:
+        """The worker is alive for ttl s more (one process: nothing else can take its jobs)."""
         with self._cond:
             self._workers[consumer] = time.time() + ttl
-
-    keep_alive = heartbeat  # one process: nothing else can take its jobs
 
     def record(self, increments: dict) -> None:
         with self._cond:
@@ -690,9 +689,7 @@ def _triples(flat: list) -> list[tuple[str, str, str]]:
 
 class RedisQueue:
     """Jobs on Redis streams with a consumer group. The API uses the asyncio client, workers the
-    blocking one; each is made on first use."""
-
-    GROUP = "workers"
+    blocking one; each is made on first use. (The consumer group, "workers", is named in the scripts.)"""
 
     def __init__(self, url: str, *, prefix: str = "sd", result_ttl: int = 3600, max_attempts: int = 3,
                  visibility_timeout: float = 300, liveness_ttl: float = 5.0):
@@ -935,9 +932,6 @@ class RedisQueue:
         with self._held_lock:
             for job in jobs:
                 self._held.pop((job.lane, job.entry), None)
-
-    def heartbeat(self, consumer: str, ttl: float) -> None:
-        self.keep_alive(consumer, ttl)
 
     def keep_alive(self, consumer: str, ttl: float) -> None:
         """Refresh the worker's liveness key (ttl s) and its claims on the runs it holds."""

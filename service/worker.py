@@ -125,12 +125,12 @@ class Worker:
         log.info("worker %s stopped", self.name)
 
     def keep_alive(self, stop: threading.Event) -> None:
-        """Until `stop`: refresh this worker's liveness key and its claims on the jobs it runs, every fifth of
-        the liveness TTL. A thread of its own, so a step of any length never lets the key expire; while the
-        queue is unreachable it keeps trying (one warning an outage)."""
+        """Until `stop`: refresh this worker's liveness key and its claims on the jobs it runs, at once and then
+        every fifth of the liveness TTL. A thread of its own, so a step of any length never lets the key expire;
+        while the queue is unreachable it keeps trying (one warning an outage)."""
         ttl = self.settings.liveness_ttl
         failing = False
-        while not stop.wait(ttl / 5):
+        while True:
             try:
                 self.queue.keep_alive(self.name, ttl)
                 failing = False
@@ -138,6 +138,8 @@ class Worker:
                 if not failing:
                     log.warning("keep-alive failed (%s: %s); retrying", type(e).__name__, e)
                 failing = True
+            if stop.wait(ttl / 5):
+                return
 
     def _work(self, stop: threading.Event) -> None:
         pause = BACKOFF_MIN
@@ -153,8 +155,7 @@ class Worker:
                 pause = min(2 * pause, BACKOFF_MAX)
 
     def run_once(self, stop: threading.Event | None = None) -> int:
-        """One turn: take, group, run. Returns how many jobs were taken."""
-        self.queue.heartbeat(self.name, self.settings.liveness_ttl)
+        """One turn: take, group, run. Returns how many jobs were taken. (Liveness is run()'s keep-alive thread's.)"""
         jobs = self.queue.take(self.settings.max_batch, block=TAKE_BLOCK, gather=self.settings.batch_window,
                                consumer=self.name)
         for job in jobs:  # txt2img jobs may leave the size to the model

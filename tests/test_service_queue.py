@@ -194,13 +194,13 @@ def _submit_later(q, job, delay):
     asyncio.run(go())
 
 
-def test_heartbeat_and_stats(make_queue):
+def test_keep_alive_and_stats(make_queue):
     q = make_queue()
 
     async def body():
         assert await q.workers() == 0
-        q.heartbeat("w1", ttl=30)
-        q.heartbeat("w2", ttl=30)
+        q.keep_alive("w1", ttl=30)
+        q.keep_alive("w2", ttl=30)
         assert await q.workers() == 2
         q.record({"sd_batch_size_count": 1.0, "sd_batch_size_sum": 3.0})
         q.record({"sd_batch_size_count": 1.0, "sd_batch_size_sum": 1.0})
@@ -287,9 +287,9 @@ def test_redis_a_dead_workers_job_is_claimed_once_its_liveness_key_expires(prefi
         job = make_job("img2img")
         await q_submit(other, job)
         assert 0 < r.ttl(f"{prefix}:job:{job.id}") <= 100 and 0 < r.ttl(f"{prefix}:input:{job.id}:image") <= 100
-        dies.heartbeat("dies", ttl=1.0)
+        dies.keep_alive("dies", ttl=1.0)
         (lost,) = dies.take(1, block=1, gather=0, consumer="dies")
-        other.heartbeat("other", ttl=30)
+        other.keep_alive("other", ttl=30)
         assert other.take(1, block=0.1, gather=0, consumer="other") == []  # its worker is alive
         wait_until(lambda: not r.exists(f"{prefix}:worker:dies"), timeout=5)
         (claimed,) = other.take(1, block=1, gather=0, consumer="other")     # visibility timeout: 300 s
@@ -322,9 +322,9 @@ def test_redis_keep_alive_keeps_a_long_job_and_a_stuck_claim_falls_to_the_visibi
     async def body():
         job = make_job()
         await q_submit(other, job)
-        busy.heartbeat("busy", ttl=0.5)
+        busy.keep_alive("busy", ttl=0.5)
         (mine,) = busy.take(1, block=1, gather=0, consumer="busy")
-        other.heartbeat("other", ttl=30)
+        other.keep_alive("other", ttl=30)
         for _ in range(15):  # 1.5 s: three liveness TTLs, past the visibility timeout, kept alive all along
             time.sleep(0.1)
             busy.keep_alive("busy", 0.5)
@@ -360,7 +360,7 @@ def test_redis_abandoned_jobs_are_taken_again_by_their_own_worker(prefix):
         jobs = [make_job(seed=i) for i in range(2)]
         for job in jobs:
             await q_submit(q, job)
-        q.heartbeat("w", ttl=30)
+        q.keep_alive("w", ttl=30)
         taken = q.take(2, block=1, gather=0, consumer="w")
         assert q.take(2, block=0, gather=0, consumer="w") == []  # runs it holds are not taken again ...
         q.abandon(taken)
