@@ -76,3 +76,18 @@ def test_the_image_runs_the_torch_the_tests_run_on_and_installs_the_package_with
     first_from = next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("ARG "))
     assert "pytorch/pytorch" not in first_from                        # no base image bringing its own torch
     assert torch_pin in (ROOT / "Makefile").read_text()               # make's venv installs the same one
+
+
+def test_the_installed_package_holds_every_module(tmp_path):
+    """The image runs `pip install .` (not editable): the wheel must carry every module of model/ and service/,
+    subpackages (model/weights/, service/faces/) and the web page included."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    packed = set(zipfile.ZipFile(wheel).namelist())
+    sources = {p.relative_to(ROOT).as_posix() for top in ("model", "service") for p in (ROOT / top).rglob("*")
+               if p.is_file() and p.suffix in (".py", ".js", ".html", ".css") and "__pycache__" not in p.parts}
+    assert {"model/weights/original.py", "service/faces/native.py", "service/static/index.html"} <= sources
+    assert sources - packed == set()
