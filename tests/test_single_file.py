@@ -77,9 +77,11 @@ def test_diffusers_and_we_read_the_same_single_file(original):
     assert all(e < TOL for e in errs.values()), errs
     assert all(e < TOL for e in errs_ref.values()), errs_ref
 
-    # the configs inferred from tensor shapes are the ones diffusers was given (but for SD 1.x's sample sizes)
+    # the configs inferred from tensor shapes are the ones diffusers was given (but for SD 1.x's sample sizes:
+    # 512 px, in latents of the tiny VAE)
     native = load(sd_dir)
-    assert ours.unet.config == dataclasses.replace(native.unet.config, sample_size=64)
+    latent_side = 512 // ours.vae.config.downsample_factor
+    assert ours.unet.config == dataclasses.replace(native.unet.config, sample_size=latent_side)
     assert ours.vae.config == dataclasses.replace(native.vae.config, sample_size=512)
     assert ours.text_encoder.config == native.text_encoder.config
     assert ours.scheduler_config["beta_schedule"] == "scaled_linear"

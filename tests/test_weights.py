@@ -277,7 +277,7 @@ def test_random_bytes(tmp_path, name):
 def test_not_a_checkpoint(tmp_path):
     file = tmp_path / "other.safetensors"
     save_file({"linear.weight": torch.zeros(2, 2)}, file)
-    refused(file, str(file), "not an SD 1.x checkpoint")
+    refused(file, str(file), "not an SD 1.x, 2.x or SDXL checkpoint", "no text encoder keys")
     ckpt = tmp_path / "list.ckpt"
     torch.save([torch.zeros(2)], ckpt)
     refused(ckpt, str(ckpt), "not a checkpoint")
@@ -353,12 +353,15 @@ def test_truncated_safetensors_data_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("key, looks", [
-    ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "an SDXL checkpoint"),
-    ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", "an SD 2.x checkpoint"),
+    # families that load: a file without its UNet is refused naming the family it looks like
+    ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "not an SDXL checkpoint: no UNet"),
+    ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", "not an SD 2.x checkpoint: no UNet"),
+    # families that do not
+    ("conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight", "an SDXL refiner checkpoint"),
     ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "an SD3 checkpoint"),
     ("double_blocks.0.img_attn.qkv.weight", "a Flux checkpoint"),
     ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "a Flux checkpoint"),
-], ids=["sdxl", "sd2", "sd3", "flux", "flux-prefixed"])
+], ids=["sdxl", "sd2", "sdxl-refiner", "sd3", "flux", "flux-prefixed"])
 def test_a_single_file_of_another_family_is_named(tmp_path, key, looks):
     file = tmp_path / "model.safetensors"
     save_file({key: torch.zeros(2, 2), "first_stage_model.decoder.conv_in.weight": torch.zeros(1)}, str(file))
