@@ -9,7 +9,9 @@ One generation, start to end:
 
     text   --tokenizer--> ids [B, 77] --CLIP--> context [B, 77, D]
     seed   --randn------> noise [B, C, h, w]                     (h, w = H/f, W/f; f = 8 for SD 1.x)
-    image  --VAE enc----> x0 latents (img2img, inpaint)
+    image  --VAE enc----> x0 latents (img2img, inpaint: a posterior sample, drawn as diffusers draws it)
+    mask   --max pool---> latent mask [B, 1, h, w]; known region kept on x0 (4-channel UNet) or
+                          mask + masked-image latents fed to the UNet (9-channel inpainting UNet)
     for each step:  eps = UNet(x, t, context)  with classifier-free guidance
                     eps = eps_uncond + g * (eps_cond - eps_uncond)
                     x   = sampler step (model/samplers.py)
@@ -302,7 +304,9 @@ class StableDiffusion:
                 seed: int = 0, width: Optional[int] = None, height: Optional[int] = None, num_images: int = 1,
                 eta: float = 0.0, callback: Optional[Callable[[int, int], None]] = None, **micro_conditioning):
         """Repaint the white part of `mask` (or the image's transparent pixels when mask is None);
-        every pixel outside the mask comes back unchanged."""
+        every pixel outside the mask comes back unchanged. strength 1 repaints from noise alone; below 1 from
+        the input noised to the step `strength` picks, as img2img (and diffusers' inpaint pipelines); 0 gives
+        the input through the VAE inside the mask. A latent cell is repainted if any of its pixels is masked."""
         r = Request(prompt, negative_prompt, seed, guidance_scale, num_images, image=image, mask=mask,
                     **micro_conditioning)
         return self.generate([r], mode="inpaint", steps=steps, sampler=sampler, width=width, height=height,
@@ -381,7 +385,8 @@ class StableDiffusion:
         counts = [r.num_images for r in requests]
         expand = lambda per_request: [v for v, n in zip(per_request, counts) for _ in range(n)]  # noqa: E731
 
-        # Every request draws from its own generator: first its initial noise, then any step noise.
+        # Every request draws from its own generator: its initial noise, then any step noise (img2img and inpaint
+        # draw posterior samples around the initial noise: see the input images below).
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
 
         def noise() -> torch.Tensor:
@@ -399,7 +404,17 @@ class StableDiffusion:
         g = scales[guided].view(-1, 1, 1, 1)
         added = self._added_conditioning(expand(requests), guided.tolist(), pooled_uncond, pooled, width, height)
 
-        # input images (img2img, inpaint), all at the batch's size
+        # input images (img2img, inpaint), all at the batch's size: pixels [B, 3, H, W], pixel_masks [B, 1, H, W]
+        # Each request's generator draws as diffusers' img2img and inpaint pipelines draw: first a sample of the
+        # VAE posterior of its input (where the input's latents x0 are used), then its initial noise, then
+        # (inpaint) a sample of the posterior of its masked image, then any step noise. One posterior sample a
+        # request, shared by its images, as diffusers encodes one input image for num_images_per_prompt images.
+        firsts = [sum(counts[:i]) for i in range(len(requests))]                               # request -> image
+        rows = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))      # image -> request
+
+        def posterior_samples(images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, C, h, w]
+            return self.encode_images(images[firsts], generators)[rows]
+
         x0 = masks = masked_latents = None
         if mode != "txt2img":
             pixels, pixel_masks = [], []
@@ -414,19 +429,24 @@ class StableDiffusion:
                 pixels += [to_tensor(image)] * r.num_images
                 pixel_masks += [m] * r.num_images
             pixels = torch.stack(pixels)
-            if mode == "img2img" and strength > 0:
-                # as diffusers: one posterior sample a request, drawn from its generator before its noise
-                firsts = [sum(counts[:i]) for i in range(len(requests))]
-                rows = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))  # image -> request
-                x0 = self.encode_images(pixels[firsts], generators)[rows]
-            else:  # strength 0 (the input's own latents), inpainting: the posterior mean
+            if strength == 0:  # nothing to denoise: the input's own latents, the posterior mean
                 x0 = self.encode_images(pixels)
-            if mode == "inpaint":
-                pixel_masks = torch.stack(pixel_masks).to(self.device)                        # [B, 1, H, W]
-                masks = F.adaptive_max_pool2d(pixel_masks, shape[1:])  # a latent cell is repainted if any pixel is
-                if self.is_inpainting_model:
-                    masked = pixels.to(self.device) * (1 - pixel_masks)
-                    masked_latents = self.encode_images(masked)
+            elif mode == "img2img" or strength < 1 or not self.is_inpainting_model:
+                # (a 9-channel UNet at strength 1 starts from noise alone and never reads x0: no draw, as diffusers)
+                x0 = posterior_samples(pixels)
+
+        n0 = noise()                                                                            # [B, C, h, w]
+
+        if mode == "inpaint":
+            pixel_masks = torch.stack(pixel_masks).to(self.device)                            # [B, 1, H, W]
+            masks = F.adaptive_max_pool2d(pixel_masks, shape[1:])  # a latent cell is repainted if any pixel is
+            if self.is_inpainting_model:
+                masked_latents = posterior_samples(pixels.to(self.device) * (1 - pixel_masks))  # [B, C, h, w]
+            else:
+                # A 4-channel UNet never reads the masked image, but diffusers draws its posterior sample anyway:
+                # draw (and drop) the same numbers, so that step noise (euler_a, ddpm) follows diffusers' stream.
+                for generator in generators:
+                    torch.randn((1, *shape), generator=generator, dtype=self.vae_dtype)
 
         plan = samplers.plan(sampler, steps, self.schedule, strength=strength)
 
@@ -442,7 +462,6 @@ class StableDiffusion:
             eps[guided] = eps_uncond + g * (eps[guided] - eps_uncond)
             return samplers.to_x0(x, sigma, eps, self.schedule.prediction_type)
 
-        n0 = noise()
         if mode == "txt2img" or (mode == "inpaint" and strength == 1.0):
             x = samplers.start(plan, n0)
         else:

@@ -10,7 +10,8 @@ prompt and with an empty one:
           with "!"), penultimate states side by side, pooled text + size micro-conditioning (text_time), a first
           level without attention, transformer depth per level, Euler "leading" as SDXL base ships it, and
           force_zeros_for_empty_prompt (an empty negative prompt is zeros). Also: its native copy generates the
-          same image.
+          same image; img2img and inpaint (4- and 9-channel UNets, strength 1 and 0.6) equal diffusers' SDXL
+          img2img and inpaint pipelines.
 """
 
 import diffusers
@@ -89,8 +90,9 @@ def test_sd2_txt2img_equals_diffusers(sd2, sampler, negative):
 # SDXL
 
 
-def sdxl_reference(tmp):
-    """A small StableDiffusionXLPipeline with diffusers' random init, saved as diffusers saves it."""
+def sdxl_reference(tmp, unet_in_channels=4):
+    """A small StableDiffusionXLPipeline with diffusers' random init, saved as diffusers saves it
+    (unet_in_channels=9: an inpainting UNet, latents + mask + masked-image latents in)."""
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(make_tokenizer_dir(tmp / "tok")))
     tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(str(make_tokenizer_dir(tmp / "tok2", pad_token="!")))
     torch.manual_seed(0)
@@ -104,13 +106,17 @@ def sdxl_reference(tmp):
         block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        sample_size=SIZE // 2, in_channels=unet_in_channels, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32 + 48, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=40 + 6 * 8)
-    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                 steps_offset=1, timestep_spacing="leading")
+    # Euler "leading" as SDXL base's scheduler_config.json, which also says clip_sample and set_alpha_to_one false:
+    # another scheduler built from this config (DDIM) reads them, here and in diffusers, instead of DDIM's defaults
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+        clip_sample=False, set_alpha_to_one=False))
     pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                                tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
                                                scheduler=scheduler)
@@ -126,10 +132,15 @@ def sdxl(tmp_path_factory):
     return ref, StableDiffusion.from_pretrained(path)
 
 
+@pytest.fixture(scope="module")
+def sdxl_inpainting(tmp_path_factory):
+    """(diffusers' pipeline, ours) with a 9-channel UNet (SDXL inpainting 0.1's layout)."""
+    ref, path = sdxl_reference(tmp_path_factory.mktemp("sdxl_inpainting"), unet_in_channels=9)
+    return ref, StableDiffusion.from_pretrained(path)
+
+
 def sdxl_expected(ref, sampler, negative, seed=42):
-    # (SDXL base's scheduler_config.json also says clip_sample false, set_alpha_to_one false: DDIM built from it
-    # would otherwise take diffusers' DDIM defaults, true and true)
-    ref.scheduler = SCHEDULERS[sampler].from_config(ref.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    ref.scheduler = SCHEDULERS[sampler].from_config(ref.scheduler.config)
     return ref("a large red circle in the center", negative_prompt=negative or None, num_inference_steps=6,
                guidance_scale=7.5, height=SIZE, width=SIZE, output_type="pil",
                generator=torch.Generator("cpu").manual_seed(seed)).images[0]
@@ -199,6 +210,22 @@ def test_sdxl_img2img_equals_diffusers(sdxl):
         diffs = [np.abs(pixels(e) - pixels(g)).max() for e, g in zip(expected, got)]
         assert len(got) == n and max(diffs) <= 2, diffs
         print(f"\nSDXL img2img, negative {negative!r}, {n} image(s): max pixel difference {max(diffs)}/255")
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m", "euler_a"])
+@pytest.mark.parametrize("in_channels", [4, 9])
+def test_sdxl_inpaint_equals_diffusers(sdxl, request, in_channels, sampler, strength):
+    """As diffusers' StableDiffusionXLInpaintPipeline, which draws and blends as the SD 1.x one (test_pipeline's
+    test_inpaint_equals_diffusers): inside the mask within 2/255, outside it the input itself (inpaint_difference
+    says how, and why the mask lies on the latent grid)."""
+    from test_pipeline import inpaint_difference
+
+    ref, pipe = sdxl if in_channels == 4 else request.getfixturevalue("sdxl_inpainting")
+    diff = inpaint_difference(diffusers.StableDiffusionXLInpaintPipeline, ref, pipe, sampler, strength)
+    print(f"\nSDXL inpaint, {in_channels}-channel UNet, {sampler}, strength {strength}: "
+          f"max pixel difference inside the mask {diff}/255")
+    assert diff <= 2, f"{in_channels}-channel UNet, {sampler}, strength {strength}: {diff}/255"
 
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])

@@ -2,7 +2,8 @@
 model/pipeline.py: the whole txt2img of a random-initialised diffusers StableDiffusionPipeline, saved
 to disk and loaded here, gives the same PNG within 2/255 for the same seed, steps, guidance and sampler;
 img2img at strength 0 returns its input up to the VAE round trip; inpainting leaves every pixel outside
-the mask unchanged; a request's image does not depend on its batch; bad arguments are named.
+the mask unchanged and, inside it, equals diffusers' StableDiffusionInpaintPipeline (4- and 9-channel UNets,
+strength 1 and 0.6); a request's image does not depend on its batch; bad arguments are named.
 """
 
 import io
@@ -24,6 +25,7 @@ SCHEDULERS = {
     "ddim": diffusers.DDIMScheduler,
     "euler": diffusers.EulerDiscreteScheduler,
     "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+    "euler_a": diffusers.EulerAncestralDiscreteScheduler,
 }
 
 
@@ -61,6 +63,18 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(reference):
     return StableDiffusion.from_pretrained(reference[1])
+
+
+@pytest.fixture(scope="module")
+def inpainting(tmp_path_factory):
+    """(diffusers' pipeline, ours) with a 9-channel UNet (sd-v1-5-inpainting's layout)."""
+    ref, path = tiny_reference(tmp_path_factory.mktemp("inpainting"), unet_in_channels=9)
+    return ref, StableDiffusion.from_pretrained(path)
+
+
+def pipelines(in_channels, reference, pipe, request):
+    """(diffusers' pipeline, ours) with a 4-channel UNet or a 9-channel inpainting one."""
+    return (reference[0], pipe) if in_channels == 4 else request.getfixturevalue("inpainting")
 
 
 def pixels(img):
@@ -162,18 +176,95 @@ def test_img2img_strength_picks_the_start_step(pipe):
 
 
 @pytest.mark.parametrize("in_channels", [4, 9])
-def test_inpaint_keeps_every_pixel_outside_the_mask(tmp_path, in_channels):
-    _, path = tiny_reference(tmp_path, unet_in_channels=in_channels)
-    pipe = StableDiffusion.from_pretrained(path)
+def test_inpaint_keeps_every_pixel_outside_the_mask(reference, pipe, request, in_channels):
+    """With a mask whose edges cut through latent cells (the tiny VAE's are 2x2 pixels; real ones 8x8), every
+    masked pixel is repainted (its cell is, as any cell with a masked pixel) and every other pixel is the input's.
+    At strength 0 the masked pixels are the input through the VAE, as img2img's at strength 0."""
+    _, pipe = pipelines(in_channels, reference, pipe, request)
     assert pipe.is_inpainting_model == (in_channels == 9)
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
     mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
-    mask[4:13, 18:30] = 255
+    mask[5:13, 17:31] = 255  # odd first rows and columns, even last ones: off the 2-pixel grid on every edge
     (out,) = pipe.inpaint(image, Image.fromarray(mask), "a yellow square", steps=4, seed=3)
     outside = mask == 0
     assert np.array_equal(pixels(out)[outside], pixels(image)[outside])
-    assert not np.array_equal(pixels(out)[~outside], pixels(image)[~outside])
+    assert (pixels(out) != pixels(image)).any(-1)[~outside].all()  # every masked pixel repainted
+    (through_vae,) = pipe.inpaint(image, Image.fromarray(mask), "x", strength=0.0, steps=4)
+    (img2img,) = pipe.img2img(image, "x", strength=0.0, steps=4)
+    assert np.array_equal(pixels(through_vae)[~outside], pixels(img2img)[~outside])
+    assert np.array_equal(pixels(through_vae)[outside], pixels(image)[outside])
+
+
+# A mask whose edges lie on the 8-pixel grid, so on the latent grid of every VAE here (2x2-pixel cells for the
+# tiny one, 8x8 for real ones): each latent cell is masked in all of its pixels or in none, where our rule (a cell
+# is repainted if any of its pixels is masked) and diffusers' (the cell takes its nearest pixel's value) agree.
+GRID_MASK = np.zeros((SIZE, SIZE), dtype=np.uint8)
+GRID_MASK[8:24, 16:32] = 255
+
+
+def inpaint_difference(inpaint_pipeline, ref, pipe, sampler, strength, num_images=2):
+    """Inpaint one random image with diffusers' `inpaint_pipeline` (built from ref's components, its scheduler for
+    `sampler` from ref's scheduler config, as the txt2img and img2img parity tests build theirs) and with ours,
+    same seed and arguments, GRID_MASK as the mask. Outside the mask we paste the input back where diffusers
+    returns its VAE's reconstruction: there every pixel of ours must be the input's own; inside the mask the two
+    are compared. Returns the max pixel difference inside the mask, over the request's images."""
+    theirs = inpaint_pipeline(**ref.components)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.scheduler = SCHEDULERS[sampler].from_config(ref.scheduler.config)
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = Image.fromarray(GRID_MASK)
+    expected = theirs("a blue square", image=image, mask_image=mask, strength=strength, num_inference_steps=6,
+                      guidance_scale=5.0, negative_prompt="blurry", num_images_per_prompt=num_images, height=SIZE,
+                      width=SIZE, generator=torch.Generator("cpu").manual_seed(3)).images
+    got = pipe.inpaint(image, mask, "a blue square", strength=strength, negative_prompt="blurry", steps=6,
+                       guidance_scale=5.0, sampler=sampler, seed=3, num_images=num_images)
+    inside = GRID_MASK > 0
+    assert len(got) == len(expected) == num_images
+    for g in got:
+        assert np.array_equal(pixels(g)[~inside], pixels(image)[~inside])
+        assert pixels(g)[inside].std() > 1  # repainted: a real image, not a constant
+    return max(np.abs(pixels(e) - pixels(g))[inside].max() for e, g in zip(expected, got))
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "euler_a"])
+@pytest.mark.parametrize("in_channels", [4, 9])
+def test_inpaint_equals_diffusers(reference, pipe, request, in_channels, sampler, strength):
+    """As diffusers' StableDiffusionInpaintPipeline: from the request's generator a posterior sample of the image's
+    latents (where they are used: a 4-channel UNet, or strength < 1), the initial noise, then a posterior sample of
+    the masked image's latents (the 9-channel UNet's input; drawn for a 4-channel UNet too, as euler_a's step
+    noise, drawn after it, shows); a 4-channel UNet's known region is put back on the image's latents noised to
+    the next step after every step, and on the clean ones after the last. Inside the mask within 2/255 (see
+    inpaint_difference; outside it ours is the input itself)."""
+    ref, ours = pipelines(in_channels, reference, pipe, request)
+    diff = inpaint_difference(diffusers.StableDiffusionInpaintPipeline, ref, ours, sampler, strength)
+    print(f"\nSD 1.x inpaint, {in_channels}-channel UNet, {sampler}, strength {strength}: "
+          f"max pixel difference inside the mask {diff}/255")
+    assert diff <= 2, f"{in_channels}-channel UNet, {sampler}, strength {strength}: {diff}/255"
+
+
+@pytest.mark.parametrize("in_channels", [4, 9])
+def test_inpaint_a_requests_image_does_not_depend_on_its_batch(reference, pipe, request, in_channels):
+    """Two requests with different images, masks, prompts and seeds in one batch: each gets the images it gets
+    alone (its posterior samples and its noise come from its own generator)."""
+    _, pipe = pipelines(in_channels, reference, pipe, request)
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(2)]
+    masks = [np.zeros((SIZE, SIZE), dtype=np.uint8) for _ in range(2)]
+    masks[0][:16] = 255
+    masks[1][5:29, 3:17] = 255
+    requests = [Request("a red circle", "blurry", seed=5, guidance_scale=7.5, image=images[0],
+                        mask=Image.fromarray(masks[0])),
+                Request("a green square", seed=6, guidance_scale=3.0, num_images=2, image=images[1],
+                        mask=Image.fromarray(masks[1]))]
+    batch = pipe.generate(requests, mode="inpaint", steps=4, sampler="euler_a", strength=0.6)
+    alone = [pipe.generate([r], mode="inpaint", steps=4, sampler="euler_a", strength=0.6)[0] for r in requests]
+    assert [len(b) for b in batch] == [1, 2]
+    for a, b in zip(alone, batch):
+        for x, y in zip(a, b):
+            assert np.abs(pixels(x) - pixels(y)).max() <= 1
+    assert np.abs(pixels(batch[1][0]) - pixels(images[1])).max() > 1  # repainted
 
 
 def test_inpaint_mask_defaults_to_transparent_pixels(pipe):
