@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from model import StableDiffusion
@@ -368,3 +369,21 @@ def test_published_key_sets_map_with_nothing_missing_or_unexpected(fixture, unet
                                          down_block_types=("DownEncoderBlock2D",) * 4,
                                          up_block_types=("UpDecoderBlock2D",) * 4)
     assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in loaded.vae.parameters()) == 83653863
+
+
+def test_sd_convert_then_generate_from_the_native_copy(family, tmp_path):
+    """`sd convert FILE DST --tokenizer T` (a subprocess, as a user runs it), then `sd generate` from DST: the same
+    image as from the single file itself."""
+    from test_cli import sd
+
+    name, _, folder, _, file = family
+    out = sd("convert", file, tmp_path / "native", "--tokenizer", folder / "tokenizer", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    out = sd("generate", "--prompt", PROMPT, "--steps", 2, "--seed", 3, "--width", SIZE, "--height", SIZE, "--weights",
+             tmp_path / "native", "--out", tmp_path / "n.png", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (direct,) = StableDiffusion.from_pretrained(file, tokenizer=folder / "tokenizer").txt2img(
+        PROMPT, steps=2, seed=3, width=SIZE, height=SIZE)
+    diff = np.abs(pixels(Image.open(tmp_path / "n.png")) - pixels(direct)).max()
+    assert diff <= 1, f"{diff}/255"  # (the CLI turns on the speed levers: within round-off)
+    assert (load(tmp_path / "native").text_encoder_2 is not None) == (name == "sdxl")

@@ -55,11 +55,12 @@ def detect_layout(path):
 
 def load(path, *, device="cpu", dtype=torch.float32, tokenizer=None):
     """
-    Tokenizer, text encoder, VAE, UNet (on device, in dtype, eval mode) and scheduler config from a native
-    folder, a diffusers-layout folder or one original SD 1.x checkpoint file. tokenizer (a folder with
-    vocab.json + merges.txt or tokenizer.json, or a CLIPTokenizer) replaces the one stored with the weights;
-    single files have none, so it is then required unless those files (or tokenizer/) sit beside the file.
-    A single file's scheduler config is SD 1.x's training schedule, SD1_SCHEDULER_CONFIG.
+    Tokenizer(s), text encoder(s), VAE, UNet (on device, in dtype, eval mode) and scheduler config from a native
+    folder, a diffusers-layout folder or one original checkpoint file of SD 1.x, SD 2.x or SDXL. tokenizer (a
+    folder with vocab.json + merges.txt or tokenizer.json, or a CLIPTokenizer) replaces the one stored with the
+    weights; single files have none, so it is then required unless those files (or tokenizer/) sit beside the
+    file (SDXL's second: tokenizer_2/ beside it, else the first with the pad token OpenCLIP uses). A single
+    file's scheduler config is its family's training schedule (model/weights/original.py, FAMILIES).
     """
     path = Path(path)
     dtype = as_dtype(dtype)
