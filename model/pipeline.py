@@ -40,6 +40,7 @@ from PIL import Image
 from . import samplers
 from .conditioning import Encoded, TextConditioner
 from .pnginfo import infotext
+from .lora import Adapters
 from .weights import Components, load
 
 MODES = ("txt2img", "img2img", "inpaint")
@@ -68,6 +69,12 @@ class Request:
     negative_original_size: Optional[tuple[int, int]] = None
     negative_crops_coords_top_left: tuple[int, int] = (0, 0)
     negative_target_size: Optional[tuple[int, int]] = None
+    # LoRAs by the names load_lora gave them -> weight (diffusers' set_adapters weights); None: the base model
+    loras: Optional[dict] = None
+
+    def lora_set(self) -> dict:
+        """The LoRAs that change anything: weight 0 is the same as leaving it out."""
+        return {name: w for name, w in (self.loras or {}).items() if w != 0}
 
     def time_ids(self, width: int, height: int, negative: bool = False) -> list[int]:
         """SDXL's six numbers for this request's (negative) rows: original size, crop top-left, target size."""
@@ -168,7 +175,10 @@ class StableDiffusion:
         self.source: Path | None = None    # the weights it was loaded from (compiled packages live beside them)
         self.tuner = None                  # the Tuner of optimize(), once it is called
         self.compiled = None               # optimize()'s CompiledUNet, when packages for this machine exist
-        self._text_cache: OrderedDict[str, Encoded] = OrderedDict()  # prompt -> its conditioning
+        # (prompt, the text encoders' LoRAs) -> its conditioning
+        self._text_cache: OrderedDict[tuple, Encoded] = OrderedDict()
+        self.adapters = Adapters({"unet": self.unet, "text_encoder": self.text_encoder,
+                                  "text_encoder_2": self.text_encoder_2})
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, tokenizer=None) -> "StableDiffusion":
@@ -235,20 +245,42 @@ class StableDiffusion:
         """A 9-channel UNet (sd-v1-5-inpainting layout) takes mask and masked-image latents as input."""
         return self.unet.config.in_channels == 9
 
+    # --- LoRAs ---------------------------------------------------------------
+
+    def load_lora(self, path, name: Optional[str] = None) -> str:
+        """Load a LoRA file (kohya or diffusers / PEFT format: model/lora.py) under `name` (default: the file's
+        stem), kept beside the weights, not merged: requests name it in `loras={name: weight}`, and one batch may
+        mix requests with different LoRAs. Loading a name again replaces it. Returns the name."""
+        name = self.adapters.load(path, name)
+        self._text_cache = OrderedDict((k, v) for k, v in self._text_cache.items()
+                                       if name not in dict(k[1]))  # encodings made with an older file of this name
+        return name
+
+    def _text_loras(self, loras: Optional[dict]) -> tuple:
+        """The part of a request's LoRA set that changes its text encodings (the prompt cache's key)."""
+        return tuple(sorted((n, w) for n, w in (loras or {}).items()
+                            if self.adapters.loras[n].touches("text_encoder") or
+                            self.adapters.loras[n].touches("text_encoder_2")))
+
     # --- text ---------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_prompts(self, prompts: Sequence[str], negative: bool = False):
+    def encode_prompts(self, prompts: Sequence[str], negative: bool = False, loras: Optional[Sequence] = None):
         """[B] prompts -> (contexts [B, L, D], pooled [B, P] or None: model/conditioning.py). Each distinct
         prompt is encoded once; recent ones (the empty negative prompt above all) are kept in a small cache.
-        negative: these are negative prompts (an empty one is zeros where the model says so: SDXL)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            for p, encoded in zip(missing, self.conditioner.encode(missing, self.device)):
-                self._text_cache[p] = encoded
-        for p in prompts:
-            self._text_cache.move_to_end(p)
-        encoded = [self._text_cache[p] for p in prompts]
+        negative: these are negative prompts (an empty one is zeros where the model says so: SDXL).
+        loras: each prompt's {LoRA name: weight} (None: the base model); text-encoder LoRAs change encodings."""
+        keys = [(p, self._text_loras(r)) for p, r in zip(prompts, loras or [None] * len(prompts))]
+        missing = [k for k in dict.fromkeys(keys) if k not in self._text_cache]
+        for text_loras in dict.fromkeys(k[1] for k in missing):     # one encoder pass per LoRA set
+            group = [k for k in missing if k[1] == text_loras]
+            sets = [dict(text_loras)] * len(group)
+            with self.adapters.active("text_encoder", sets), self.adapters.active("text_encoder_2", sets):
+                for k, encoded in zip(group, self.conditioner.encode([p for p, _ in group], self.device)):
+                    self._text_cache[k] = encoded
+        for k in keys:
+            self._text_cache.move_to_end(k)
+        encoded = [self._text_cache[k] for k in keys]
         while len(self._text_cache) > 64:
             self._text_cache.popitem(last=False)
         if negative and self.conditioner.zeros_for_empty_negative:
@@ -282,33 +314,37 @@ class StableDiffusion:
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 30, guidance_scale: float = 7.5,
                 sampler: str = "ddim", seed: int = 0, width: Optional[int] = None, height: Optional[int] = None,
                 num_images: int = 1, eta: float = 0.0, callback: Optional[Callable[[int, int], None]] = None,
-                **micro_conditioning):
-        """Images from text. Returns num_images PIL images. micro_conditioning: SDXL's original_size,
-        crops_coords_top_left, target_size and their negative_ counterparts (see Request)."""
-        r = Request(prompt, negative_prompt, seed, guidance_scale, num_images, **micro_conditioning)
+                loras: Optional[dict] = None, **micro_conditioning):
+        """Images from text. Returns num_images PIL images. loras: {name: weight} of LoRAs load_lora loaded.
+        micro_conditioning: SDXL's original_size, crops_coords_top_left, target_size and their negative_
+        counterparts (see Request)."""
+        r = Request(prompt, negative_prompt, seed, guidance_scale, num_images, loras=loras, **micro_conditioning)
         return self.generate([r], mode="txt2img", steps=steps, sampler=sampler, width=width, height=height,
                              eta=eta, callback=callback)[0]
 
     def img2img(self, image: Image.Image, prompt: str, strength: float = 0.75, negative_prompt: str = "",
                 steps: int = 30, guidance_scale: float = 7.5, sampler: str = "ddim", seed: int = 0,
                 width: Optional[int] = None, height: Optional[int] = None, num_images: int = 1, eta: float = 0.0,
-                callback: Optional[Callable[[int, int], None]] = None, **micro_conditioning):
+                callback: Optional[Callable[[int, int], None]] = None, loras: Optional[dict] = None,
+                **micro_conditioning):
         """Images from an image and text: noise the image to the step `strength` picks (1 = all the way,
         as txt2img; 0 = not at all, the input comes back through the VAE) and denoise from there."""
-        r = Request(prompt, negative_prompt, seed, guidance_scale, num_images, image=image, **micro_conditioning)
+        r = Request(prompt, negative_prompt, seed, guidance_scale, num_images, image=image, loras=loras,
+                    **micro_conditioning)
         return self.generate([r], mode="img2img", steps=steps, sampler=sampler, width=width, height=height,
                              strength=strength, eta=eta, callback=callback)[0]
 
     def inpaint(self, image: Image.Image, mask: Optional[Image.Image], prompt: str, strength: float = 1.0,
                 negative_prompt: str = "", steps: int = 30, guidance_scale: float = 7.5, sampler: str = "ddim",
                 seed: int = 0, width: Optional[int] = None, height: Optional[int] = None, num_images: int = 1,
-                eta: float = 0.0, callback: Optional[Callable[[int, int], None]] = None, **micro_conditioning):
+                eta: float = 0.0, callback: Optional[Callable[[int, int], None]] = None, loras: Optional[dict] = None,
+                **micro_conditioning):
         """Repaint the white part of `mask` (or the image's transparent pixels when mask is None);
         every pixel outside the mask comes back unchanged. strength 1 repaints from noise alone; below 1 from
         the input noised to the step `strength` picks, as img2img (and diffusers' inpaint pipelines); 0 gives
         the input through the VAE inside the mask. A latent cell is repainted if any of its pixels is masked."""
         r = Request(prompt, negative_prompt, seed, guidance_scale, num_images, image=image, mask=mask,
-                    **micro_conditioning)
+                    loras=loras, **micro_conditioning)
         return self.generate([r], mode="inpaint", steps=steps, sampler=sampler, width=width, height=height,
                              strength=strength, eta=eta, callback=callback)[0]
 
@@ -323,6 +359,8 @@ class StableDiffusion:
         _check(len(requests) > 0, "requests must not be empty")
         for r in requests:
             _check_request(r, mode)
+            _check(r.loras is None or isinstance(r.loras, dict), f"loras must be a dict of name: weight, got {r.loras!r}")
+            self.adapters.check(r.lora_set())
         _check(sampler in samplers.SAMPLERS, f"sampler must be one of {', '.join(samplers.SAMPLERS)}, got {sampler!r}")
         _check(isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= 1000,
                f"steps must be an integer in [1, 1000], got {steps!r}")
@@ -357,6 +395,7 @@ class StableDiffusion:
                           "sampler": sampler, "guidance_scale": r.guidance_scale, "seed": r.seed, "width": width,
                           "height": height, "mode": mode, "model": self.name,
                           "strength": strength if mode != "txt2img" else None,
+                          "loras": {n: (w, self.adapters.loras[n].sha256) for n, w in r.lora_set().items()},
                           "num_images": r.num_images, "index": i}
                 img.info["generation"] = params
                 img.info["parameters"] = infotext(params)
@@ -396,9 +435,11 @@ class StableDiffusion:
         # text: conditional contexts for all images, unconditional ones only where guidance needs them
         scales = torch.tensor(expand([float(r.guidance_scale) for r in requests]), device=self.device)
         guided = torch.nonzero(scales != 1.0).flatten()          # images that need the unconditional pass
-        cond, pooled = self.encode_prompts(expand([r.prompt for r in requests]))
+        image_loras = expand([r.lora_set() for r in requests])                 # each image's LoRAs
+        cond, pooled = self.encode_prompts(expand([r.prompt for r in requests]), loras=image_loras)
         negatives = [expand([r.negative_prompt for r in requests])[i] for i in guided.tolist()]
-        uncond, pooled_uncond = self.encode_prompts(negatives, negative=True) if negatives else \
+        guided_loras = [image_loras[i] for i in guided.tolist()]
+        uncond, pooled_uncond = self.encode_prompts(negatives, negative=True, loras=guided_loras) if negatives else \
             (cond[:0], None if pooled is None else pooled[:0])
         context = torch.cat([uncond, cond])
         g = scales[guided].view(-1, 1, 1, 1)
@@ -456,8 +497,10 @@ class StableDiffusion:
             if masked_latents is not None:  # 9-channel UNet: [latents, mask, masked-image latents]
                 x_in = torch.cat([x_in, masks, masked_latents], dim=1)
             x_in = torch.cat([x_in[guided], x_in]).to(self.dtype)
-            unet = self.unet if added else (self.compiled or self.unet)  # (compiled packages: SD 1.x / 2.x shapes)
-            eps = unet(x_in, t.to(self.device), context, **added).float()
+            # (compiled packages: SD 1.x / 2.x shapes without LoRAs; LoRAs add their terms through eager hooks)
+            unet = self.unet if added or any(image_loras) else (self.compiled or self.unet)
+            with self.adapters.active("unet", guided_loras + image_loras):          # rows [uncond, cond]
+                eps = unet(x_in, t.to(self.device), context, **added).float()
             eps_uncond, eps = eps[: len(guided)], eps[len(guided):].clone()
             eps[guided] = eps_uncond + g * (eps[guided] - eps_uncond)
             return samplers.to_x0(x, sigma, eps, self.schedule.prediction_type)

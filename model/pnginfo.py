@@ -25,17 +25,23 @@ _LABELS = {
     "strength": "Denoising strength",
     "mode": "Mode",
     "model": "Model",
+    "lora_hashes": "Lora hashes",
 }
 
 
 def infotext(params: dict) -> str:
     """Render generation parameters as the `parameters` chunk text."""
-    lines = [str(params.get("prompt", ""))]
+    prompt = str(params.get("prompt", ""))
+    loras = params.get("loras") or {}     # {name: (weight, sha256)}: as the web UI writes them, tags in the prompt
+    tags = [f"<lora:{name}:{weight:g}>" for name, (weight, _) in loras.items() if f"<lora:{name}:" not in prompt]
+    lines = [" ".join([prompt, *tags]) if prompt else " ".join(tags)]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
     fields = dict(params)
     if "width" in fields and "height" in fields:
         fields["size"] = f"{fields['width']}x{fields['height']}"
+    if loras:
+        fields["lora_hashes"] = '"' + ", ".join(f"{name}: {sha[:12]}" for name, (_, sha) in loras.items()) + '"'
     lines.append(", ".join(f"{label}: {fields[key]}" for key, label in _LABELS.items() if fields.get(key) is not None))
     return "\n".join(lines)
 
