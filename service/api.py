@@ -31,6 +31,7 @@ from . import metrics, schemas, web
 from .errors import RETRY_AFTER, clear_detail, error_message, field_rules
 from .faces import a1111, native, openai
 from .jobs import Config, Queue
+from .models import Served
 from .queue import QueueUnavailable, make_queue
 from .settings import Settings
 
@@ -164,6 +165,7 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.queue = queue or make_queue(settings)
+        app.state.served = Served(app.state.queue)  # what the workers serve: the pixel limit follows it
         stop, thread = threading.Event(), None
         if run_worker:
             from .worker import Worker, load_pipeline

@@ -1,5 +1,5 @@
-"""Jobs as every API face makes and waits for them: the request's settings, queue and API key (FastAPI
-dependencies), submission (seed drawn, queue limits, Idempotency-Key), the job's status, and waiting for
+"""Jobs as every API face makes and waits for them: the request's settings, queue, API key and pixel limit
+(FastAPI dependencies), submission (seed drawn, queue limits, Idempotency-Key), the job's status, and waiting for
 its result (a client that hangs up has its job cancelled, unless it sent an Idempotency-Key)."""
 
 import asyncio
@@ -35,8 +35,20 @@ def owner_of(request: Request) -> Optional[str]:
     return request.scope.get("state", {}).get("owner")
 
 
+async def get_max_pixels(request: Request) -> int:
+    """The largest width * height this request may ask for or upload: SD_MAX_PIXELS when set, else the limit
+    of the model that will run it (Settings.max_pixels_for its native size, as its workers announced it:
+    service/models.py), SD 1.x's while no worker has."""
+    settings = get_settings(request)
+    if settings.max_pixels is not None:  # the operator's number: no need to know the model
+        return settings.max_pixels
+    model = await request.app.state.served.default()
+    return settings.max_pixels_for(model.native_size if model else None)
+
+
 Queue = Annotated[object, Depends(get_queue)]
 Config = Annotated[Settings, Depends(get_settings)]
+MaxPixels = Annotated[int, Depends(get_max_pixels)]
 
 
 IDEMPOTENCY_KEY = "Idempotency-Key"

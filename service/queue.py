@@ -3,7 +3,7 @@
 A job moves   queued -> running -> done | failed | cancelled   (running -> queued again when
 it is retried or its worker lets it go). Both queues have the same two faces:
 
-  the API's (async):   submit, state, wait, result, cancel, depth, workers, stats, ping
+  the API's (async):   submit, state, wait, result, cancel, depth, workers, models, stats, ping
   a worker's (sync):   take, progress, finish, fail, cancelled, release, abandon, keep_alive, record
 
 Fairness: every job belongs to a lane, its API key's (owner digest; "-" without keys). Workers take
@@ -27,7 +27,8 @@ they build from the prefix):
   sd:result:{id}:{n}      result PNG n
   sd:done:{id}            list: a token pushed when the job ends; waiters BLPOP it (no polling)
   sd:idem:{lane}:{hash}   "fingerprint job-id" of an Idempotency-Key
-  sd:worker:{name}        a worker's liveness key: a few seconds' TTL, refreshed by a thread of its own
+  sd:worker:{name}        a worker's liveness key: a few seconds' TTL, refreshed by a thread of its own; its
+                          value is JSON, the model the worker serves ({"model", "native_size"}: models())
   sd:stats                hash of metric samples the workers add to (service/metrics.py)
 
 Liveness: a worker's keep-alive thread (service/worker.py) refreshes its liveness key and the claims
@@ -189,7 +190,7 @@ class MemoryQueue:
         self._ready: collections.deque[str] = collections.deque()  # lanes with queued jobs, round-robin order
         self._idempotent: dict[tuple[str, str], tuple[str, str, float]] = {}  # (lane, key) -> fingerprint, job, until
         self._waiters: dict[str, list] = collections.defaultdict(list)
-        self._workers: dict[str, float] = {}
+        self._workers: dict[str, tuple[float, dict]] = {}  # consumer -> (alive until, the model it serves)
         self._stats: dict[str, float] = collections.defaultdict(float)
         self._runs = 0
 
@@ -266,7 +267,13 @@ class MemoryQueue:
     async def workers(self) -> int:
         with self._cond:
             now = time.time()
-            return sum(1 for until in self._workers.values() if until > now)
+            return sum(1 for until, _ in self._workers.values() if until > now)
+
+    async def models(self) -> list[dict]:
+        """What each live worker said it serves (keep_alive's `model`), one dict a worker."""
+        with self._cond:
+            now = time.time()
+            return [dict(model) for until, model in self._workers.values() if until > now and model]
 
     async def stats(self) -> dict:
         with self._cond:
@@ -347,10 +354,10 @@ class MemoryQueue:
         """The worker stopped these jobs without ending them (the queue failed under it): run them again."""
         self.release(jobs)
 
-    def keep_alive(self, consumer: str, ttl: float) -> None:
-        """The worker is alive for ttl s more (one process: nothing else can take its jobs)."""
+    def keep_alive(self, consumer: str, ttl: float, model: Optional[dict] = None) -> None:
+        """The worker is alive for ttl s more (one process: nothing else can take its jobs), serving `model`."""
         with self._cond:
-            self._workers[consumer] = time.time() + ttl
+            self._workers[consumer] = (time.time() + ttl, dict(model or {}))
 
     def record(self, increments: dict) -> None:
         with self._cond:
@@ -655,8 +662,9 @@ count(ARGV[9])
 return {action}
 """
 
-# Consumer ARGV[2] is alive for ARGV[3] ms more (its liveness key, value ARGV[4]); its runs (lane, entry)
-# ARGV[5..] stay its claims (XCLAIM resets their idle time), unless another consumer holds one now.
+# Consumer ARGV[2] is alive for ARGV[3] ms more (its liveness key, value ARGV[4]: the JSON of the model it
+# serves, which the API reads); its runs (lane, entry) ARGV[5..] stay its claims (XCLAIM resets their idle
+# time), unless another consumer holds one now.
 _KEEP_ALIVE = _LUA_COMMON + """
 local me = ARGV[2]
 redis.call('SET', P .. ':worker:' .. me, ARGV[4], 'PX', ARGV[3])
@@ -815,6 +823,22 @@ class RedisQueue:
             return len([k async for k in r.scan_iter(match=f"{self.prefix}:worker:*", count=100)])
         return await self._call(go)
 
+    async def models(self) -> list[dict]:
+        """What each live worker said it serves: the JSON of its liveness key (keep_alive's `model`). A key
+        holding anything else (a worker of an older version wrote a timestamp there) says nothing."""
+        async def go(r):
+            keys = [k async for k in r.scan_iter(match=f"{self.prefix}:worker:*", count=100)]
+            return await r.mget(keys) if keys else []
+        models = []
+        for value in await self._call(go):
+            try:
+                model = json.loads(value) if value is not None else None
+            except ValueError:
+                continue
+            if isinstance(model, dict) and model:
+                models.append(model)
+        return models
+
     async def stats(self) -> dict:
         h = await self._call(lambda r: r.hgetall(f"{self.prefix}:stats"))
         return {k.decode(): float(v) for k, v in h.items()}
@@ -933,11 +957,12 @@ class RedisQueue:
             for job in jobs:
                 self._held.pop((job.lane, job.entry), None)
 
-    def keep_alive(self, consumer: str, ttl: float) -> None:
-        """Refresh the worker's liveness key (ttl s) and its claims on the runs it holds."""
+    def keep_alive(self, consumer: str, ttl: float, model: Optional[dict] = None) -> None:
+        """Refresh the worker's liveness key (ttl s), which says what `model` it serves, and its claims on the
+        runs it holds."""
         with self._held_lock:
             held = [x for lane, entry in self._held for x in (lane, entry)]
-        self._script("keep_alive", consumer, max(1, int(ttl * 1000)), time.time(), *held)
+        self._script("keep_alive", consumer, max(1, int(ttl * 1000)), json.dumps(model or {}), *held)
 
     def record(self, increments: dict) -> None:
         with self._redis().pipeline(transaction=False) as p:

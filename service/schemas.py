@@ -3,12 +3,15 @@
 The limits of a request (max steps, images, pixels) are settings, so the request models are
 made for one Settings by `request_models(settings)`: the OpenAPI schema then states the limits
 the server really enforces. Every field's `description` starts with its rule, up to the first ";":
-a 422 quotes it, "steps must be an integer in [1, 150], got 500".
+a 422 quotes it, "steps must be an integer in [1, 150], got 500". The pixel limit alone is not
+checked here: unless SD_MAX_PIXELS sets it, it is the served model's (Settings.max_pixels_for its
+native size), known once a worker has announced it, so the faces check it per request
+(uploads.check_pixels with jobs.MaxPixels); the models only describe it.
 """
 
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from model.pipeline import MAX_MICRO
 from model.samplers import SAMPLERS
@@ -20,11 +23,35 @@ MAX_SEED = 2**32 - 1
 MAX_SIDE = 4096
 
 
+FORM_PAIRS = ("The SDXL fields original_size, crops_coords_top_left, target_size and their negative_ ones are "
+              "the JSON endpoint's, each one form field of two integers: `original_size=1024,1024` (also "
+              "`[1024, 1024]`, or the field sent twice).")
+
+
+def max_pixels_rule(settings) -> str:
+    """The pixel limit as the API's descriptions state it (no ";": a 422 quotes a rule up to the first)."""
+    if settings.max_pixels is not None:
+        return str(settings.max_pixels)
+    sd1, sd2, sdxl = (settings.max_pixels_for(side) for side in (512, 768, 1024))
+    return (f"the served model's limit (4 x its native size squared, at least {sd1}: SD 1.x {sd1}, SD 2.x {sd2}, "
+            f"SDXL {sdxl})")
+
+
+def pairs_from_form(value):
+    """A form's micro-conditioning field as the JSON list the rules check: FastAPI hands a form's list field
+    over as the list of its values, ["1024,1024"] (or ["[1024, 1024]"], or ["1024", "1024"] for the field
+    sent twice). An empty field is a field left out."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        text = value[0].strip().removeprefix("[").removesuffix("]").strip()
+        return [x.strip() for x in text.split(",")] if text else None
+    return value
+
+
 def request_models(settings) -> dict[str, type[BaseModel]]:
     """{"txt2img": ..., "img2img": ..., "inpaint": ...}: the request models under these settings."""
     steps_rule = f"an integer in [1, {settings.max_steps}]"
     images_rule = f"an integer in [1, {settings.max_images}]"
-    side_rule = (f"a multiple of 8 in [8, {MAX_SIDE}], with width * height at most {settings.max_pixels}; "
+    side_rule = (f"a multiple of 8 in [8, {MAX_SIDE}], with width * height at most {max_pixels_rule(settings)}; "
                  "default: the model's native size (txt2img) or the uploaded image's size rounded down to 8")
 
     class Generation(BaseModel):
@@ -33,7 +60,8 @@ def request_models(settings) -> dict[str, type[BaseModel]]:
 
         prompt: str = Field(..., max_length=4000, description="text of at most 4000 characters; what to draw",
                             examples=["a red circle on a blue background"])
-        negative_prompt: str = Field("", max_length=4000, description="text of at most 4000 characters; what to steer away from")
+        negative_prompt: str = Field("", max_length=4000,
+                                     description="text of at most 4000 characters; what to steer away from")
         steps: int = Field(min(20, settings.max_steps), ge=1, le=settings.max_steps, description=steps_rule)
         guidance_scale: float = Field(7.5, ge=0, le=50, description="a number in [0, 50]; 1 = no guidance")
         sampler: Sampler = Field("ddim", description=f"one of {', '.join(SAMPLERS)}")
@@ -44,14 +72,11 @@ def request_models(settings) -> dict[str, type[BaseModel]]:
         num_images: int = Field(1, ge=1, le=settings.max_images, description=images_rule)
 
         @model_validator(mode="after")
-        def _pixels(self):
-            # txt2img: the other side would be the model's native size, which only the worker knows, so the
-            # pixel limit could not be checked here; img2img and inpaint take the other side from the upload
+        def _sides(self):
+            # txt2img: the other side would be the model's native size, which only the worker knows, so
+            # width * height could not be checked; img2img and inpaint take the other side from the upload
             if type(self) is Txt2ImgRequest and (self.width is None) != (self.height is None):
                 raise ValueError("width and height must be given together, or neither (the model's native size)")
-            if self.width and self.height and self.width * self.height > settings.max_pixels:
-                raise ValueError(f"width * height must be at most {settings.max_pixels}, "
-                                 f"got {self.width}x{self.height} = {self.width * self.height}")
             return self
 
     micro_rule = (f"two integers [height, width] in [1, {MAX_MICRO}]; SDXL's micro-conditioning (other families "
@@ -60,8 +85,8 @@ def request_models(settings) -> dict[str, type[BaseModel]]:
     Pair = Annotated[list[Annotated[int, Field(ge=1, le=MAX_MICRO)]], Field(min_length=2, max_length=2)]
     Crop = Annotated[list[Annotated[int, Field(ge=0, le=MAX_MICRO)]], Field(min_length=2, max_length=2)]
 
-    class Txt2ImgRequest(Generation):
-        """Text-to-image: what to draw and how (JSON)."""
+    class MicroConditioning(BaseModel):
+        """SDXL's size micro-conditioning, as diffusers' StableDiffusionXLPipeline takes it (every mode)."""
         original_size: Optional[Pair] = Field(None, description=micro_rule)
         crops_coords_top_left: Optional[Crop] = Field(None, description=crop_rule)
         target_size: Optional[Pair] = Field(None, description=micro_rule)
@@ -69,12 +94,20 @@ def request_models(settings) -> dict[str, type[BaseModel]]:
         negative_crops_coords_top_left: Optional[Crop] = Field(None, description=crop_rule)
         negative_target_size: Optional[Pair] = Field(None, description=micro_rule + " (with negative_original_size)")
 
-    class Img2ImgRequest(Generation):
+    class FormMicroConditioning(MicroConditioning):
+        """The same fields and rules in a multipart form, each pair one field: `original_size=1024,1024`."""
+        _from_form = field_validator(*MicroConditioning.model_fields, mode="before")(pairs_from_form)
+
+    # (the mixin first: the fields of Generation then come first, in the schema and in the 422s' field lists)
+    class Txt2ImgRequest(MicroConditioning, Generation):
+        """Text-to-image: what to draw and how (JSON)."""
+
+    class Img2ImgRequest(FormMicroConditioning, Generation):
         """Image-to-image (multipart form fields; the image is the `image` file)."""
         model_config = ConfigDict(extra="ignore")  # the form also carries the files
         strength: float = Field(0.75, ge=0, le=1, description="a number in [0, 1]; how far to move from the input")
 
-    class InpaintRequest(Generation):
+    class InpaintRequest(FormMicroConditioning, Generation):
         """Inpainting (multipart form fields; files `image` and optional `mask`, white = repaint;
         without a mask the image's transparent pixels are repainted)."""
         model_config = ConfigDict(extra="ignore")

@@ -19,6 +19,7 @@ from typing import Mapping, Optional
 
 LEVERS = ("prepack", "compile", "channels_last", "aot")   # StableDiffusion.optimize's keyword arguments
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+LEAST_MAX_PIXELS = 4 * 512 * 512      # SD 1.x's pixel limit: the default one of any model with a smaller native size
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class Settings:
     visibility_timeout: float = 300.0     # a safety net: seconds after which any job whose claim was not refreshed
                                           # is claimed by another worker, whatever its worker's liveness key says
     max_attempts: int = 3                 # a job that raises is retried until it has run this many times
-    max_pixels: int = 1024 * 1024         # width * height of a request, and of an uploaded image
+    max_pixels: Optional[int] = None      # width * height of a request, and of an uploaded image; None: it scales
+                                          # with the served model (max_pixels_for its native size)
     max_steps: int = 150
     max_images: int = 4                   # num_images of one request
     max_upload_bytes: int = 10 * 1024 * 1024  # a whole request body
@@ -55,7 +57,7 @@ class Settings:
         positive = ("max_batch", "queue_limit", "job_timeout", "result_ttl", "liveness_ttl", "visibility_timeout",
                     "max_attempts", "max_pixels", "max_steps", "max_images", "max_upload_bytes")
         for name in positive:
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:  # (None: max_pixels's default)
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.queue_limit_per_key < 0:
             raise ValueError(f"queue_limit_per_key must be >= 0 (0: no per-key limit), "
@@ -67,6 +69,16 @@ class Settings:
         if self.levers() is None:
             raise ValueError(f"optimize must be auto, none, or a comma list of {', '.join(LEVERS)}, "
                              f"got {self.optimize!r}")
+
+    def max_pixels_for(self, native_size: Optional[int]) -> int:
+        """The largest width * height, asked for or uploaded, for a model of this native size (None: not known
+        yet): max_pixels when it is set, else 4 x native_size^2, twice the native side each way as SD 1.x's
+        1048576 is for 512 (SD 2.x: 2359296, SDXL: 4194304), and never below 1048576, so a smaller model (this
+        project's own, 64) keeps the limit the service always had. The one place the limit is computed: the
+        API asks it per request (jobs.get_max_pixels), with the native size its workers announced."""
+        if self.max_pixels is not None:
+            return self.max_pixels
+        return max(LEAST_MAX_PIXELS, 4 * (native_size or 0) ** 2)
 
     def levers(self) -> dict[str, bool] | None:
         """The optimize setting as pipe.optimize's keyword arguments ({} for auto: its defaults); None if invalid."""
@@ -118,6 +130,7 @@ class Settings:
 def _parse(name: str, raw: str):
     f = {f.name: f for f in dataclasses.fields(Settings)}[name]
     kind = f.type if isinstance(f.type, str) else f.type.__name__
+    kind = kind.removeprefix("Optional[").removesuffix("]")  # (max_pixels: None is its default, not a value)
     try:
         if name == "api_keys":
             return tuple(k.strip() for k in raw.split(",") if k.strip())
@@ -134,7 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, http: bool) -> None:
     """The flags of `sd serve` (http=True) and `sd worker`. Defaults are None: unset flags leave the
     environment's value (or the built-in default) in place."""
     p = parser.add_argument
-    p("--weights", help=f"native dir, diffusers dir or one .safetensors/.ckpt (env SD_WEIGHTS; default {DEFAULT_WEIGHTS})")
+    p("--weights",
+      help=f"native dir, diffusers dir or one .safetensors/.ckpt (env SD_WEIGHTS; default {DEFAULT_WEIGHTS})")
     p("--redis", dest="redis_url", metavar="URL",
       help="Redis URL, e.g. redis://localhost:6379/0 (env SD_REDIS_URL)" +
            ("; without it the API runs its own worker on an in-memory queue" if http else ""))
@@ -147,7 +161,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, http: bool) -> None:
         p("--queue-limit-per-key", type=int, help="queued + running jobs of one API key before that key gets 429 "
           "(default 32; 0: none; only with API keys)")
         p("--job-timeout", type=float, help="seconds a synchronous request waits before 504 (default 300)")
-        p("--max-pixels", type=int, help="largest width*height, asked for or uploaded (default 1048576)")
+        p("--max-pixels", type=int, help="largest width*height, asked for or uploaded (default: 4 x the served "
+          "model's native size squared, at least 1048576: SD 1.x 1048576, SD 2.x 2359296, SDXL 4194304)")
         p("--max-steps", type=int, help="largest steps (default 150)")
         p("--max-images", type=int, help="largest num_images (default 4)")
         p("--max-upload-bytes", type=int, help="largest request body (default 10 MiB)")

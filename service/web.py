@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from model.samplers import SAMPLERS
 
 from . import schemas
+from .jobs import MaxPixels
 from .settings import Settings
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -30,11 +31,11 @@ def install(app: FastAPI, settings: Settings) -> None:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/ui/config", include_in_schema=False)
-    async def config(request: Request):
-        worker = request.app.state.worker  # the in-process worker, once its model is loaded
+    async def config(request: Request, max_pixels: MaxPixels):
+        model = await request.app.state.served.default()  # as a worker announced it, once one has
         return {"samplers": list(SAMPLERS), "max_steps": settings.max_steps, "max_images": settings.max_images,
-                "max_pixels": settings.max_pixels, "max_side": schemas.MAX_SIDE,
-                "native_size": worker.pipe.native_size if worker is not None else None,
+                "max_pixels": max_pixels, "max_side": schemas.MAX_SIDE,  # the limit a request gets now
+                "native_size": model.native_size if model is not None else None,
                 "api_key_required": bool(settings.api_keys)}
 
     # after /ui/config, which the mount would otherwise shadow

@@ -21,7 +21,8 @@ retries with a growing pause until the queue answers.
 
 Liveness: a thread of its own (keep_alive) refreshes the worker's liveness key (liveness_ttl, 5 s) and
 its claims on the jobs it runs every fifth of the TTL, however long a step takes; when the worker dies
-the key expires and any other worker claims its jobs at its next take (service/queue.py).
+the key expires and any other worker claims its jobs at its next take (service/queue.py). The key says
+which model the worker serves and its native size: the API's size limits follow it (service/models.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import threading
 import time
 
 from .metrics import observe
+from .models import announcement
 
 log = logging.getLogger("sd.worker")
 
@@ -108,6 +110,7 @@ class Worker:
         self.pipe, self.queue, self.settings = pipe, queue, settings
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.calls = 0  # pipeline calls made: one per batch
+        self.model = announcement(pipe)  # what its liveness key says it serves: the API's limits follow it
 
     def run(self, stop: threading.Event) -> None:
         """Work until `stop` is set; then finish the running batch and release the rest. While the queue
@@ -132,7 +135,7 @@ class Worker:
         failing = False
         while True:
             try:
-                self.queue.keep_alive(self.name, ttl)
+                self.queue.keep_alive(self.name, ttl, self.model)
                 failing = False
             except Exception as e:  # noqa: BLE001
                 if not failing:

@@ -270,7 +270,8 @@ def test_sdxl_micro_conditioning_equals_diffusers(sdxl):
 
 def test_sdxl_served_unchanged_with_its_micro_conditioning_fields(sdxl):
     """The service serves SDXL as any model: POST /txt2img at its native size, and the native API's SDXL fields
-    (original_size, crops_coords_top_left, target_size, negative_*) give the image the Python API gives."""
+    (original_size, crops_coords_top_left, target_size, negative_*) give the image the Python API gives, in
+    JSON (/txt2img) and as multipart form fields (/img2img: `original_size=64,48`)."""
     import io
 
     import httpx
@@ -293,3 +294,19 @@ def test_sdxl_served_unchanged_with_its_micro_conditioning_fields(sdxl):
         assert np.abs(pixels(served) - pixels(direct)).max() <= 1
         bad = c.post("/txt2img", json={"prompt": "x", "original_size": [0, 64]})
         assert bad.status_code == 422 and "original_size" in bad.json()["detail"]
+
+        init = Image.fromarray(np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+        buf = io.BytesIO()
+        init.save(buf, format="PNG")
+        common = {"prompt": "a red circle", "seed": "9", "steps": "3", "sampler": "euler", "strength": "0.6"}
+        form = {**common, "original_size": "64,48", "crops_coords_top_left": "[4, 8]", "target_size": "40,24"}
+        r = c.post("/img2img", data=form, files={"image": ("in.png", buf.getvalue())})
+        assert r.status_code == 200, r.text
+        served = Image.open(io.BytesIO(r.content))
+        (direct,) = pipe.img2img(init, "a red circle", strength=0.6, seed=9, steps=3, sampler="euler",
+                                 **{k: tuple(v) for k, v in micro.items()})
+        (plain,) = pipe.img2img(init, "a red circle", strength=0.6, seed=9, steps=3, sampler="euler")
+        assert np.abs(pixels(served) - pixels(direct)).max() <= 1
+        assert np.abs(pixels(direct) - pixels(plain)).max() > 1  # (the fields reached the model: they change it)
+        bad = c.post("/img2img", data={**common, "target_size": "40"}, files={"image": ("in.png", buf.getvalue())})
+        assert bad.status_code == 422 and "target_size must be two integers" in bad.json()["detail"]

@@ -210,6 +210,21 @@ def test_keep_alive_and_stats(make_queue):
     run(q, body)
 
 
+def test_keep_alive_announces_the_model_while_the_worker_lives(make_queue):
+    """What a worker serves rides on its liveness key (the API's pixel limit follows it: service/models.py)."""
+    q = make_queue()
+
+    async def body():
+        assert await q.models() == []
+        q.keep_alive("xl", ttl=30, model={"model": "sdxl", "native_size": 1024})
+        q.keep_alive("quiet", ttl=30)  # a worker that says nothing is counted, and announces nothing
+        assert await q.workers() == 2 and await q.models() == [{"model": "sdxl", "native_size": 1024}]
+        q.keep_alive("xl", ttl=0.2, model={"model": "sdxl", "native_size": 1024})
+        time.sleep(0.4)  # the worker died: its announcement went with its key
+        assert await q.models() == []
+    run(q, body)
+
+
 def test_lanes_are_taken_round_robin_and_limited_one_by_one(make_queue):
     """One lane (API key) with a backlog does not starve another: a take goes round the lanes, one job each
     in turn; a lane over its own limit is refused while the others still get in."""

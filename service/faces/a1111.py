@@ -11,9 +11,11 @@
 Answers are `{"images": [base64 PNG], "parameters": {...}, "info": "<JSON string>"}`. As in the web UI,
 the i-th of the batch_size * n_iter images has seed + i (each image is one job, so each is remade
 alone by its seed), and seed -1 draws one. Fields this subset does not serve (hires fix, scripts,
-styles, ...) are ignored. The API key (when configured) is sent as `Authorization: Bearer KEY`,
-`X-API-Key: KEY`, or as the password of HTTP basic auth (webuiapi's `set_auth`). Progress and
-interrupt see the requests of this API process only.
+styles, ...) are ignored. The web UI's API has no field for SDXL's micro-conditioning (it conditions on
+the request's width and height, and crops only by its sdxl_crop_top/left options), so neither has this
+subset. The API key (when configured) is sent as `Authorization: Bearer KEY`, `X-API-Key: KEY`, or as the
+password of HTTP basic auth (webuiapi's `set_auth`). Progress and interrupt see the requests of this API
+process only.
 """
 
 import base64
@@ -33,10 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import schemas
 from ..errors import ERRORS, SYNC_ERRORS, error_message, field_rules
-from ..jobs import idempotency_of, owner_of, submit, wait_for_result
+from ..jobs import MaxPixels, idempotency_of, owner_of, submit, wait_for_result
 from ..queue import ENDED
 from ..settings import Settings
-from ..uploads import JSON_BODY, open_image, size_from_image
+from ..uploads import JSON_BODY, check_pixels, open_image, size_from_image
 
 # the web UI's sampler names -> this project's
 SAMPLERS = {"DDIM": "ddim", "DDPM": "ddpm", "Euler": "euler", "Euler a": "euler_a", "DPM++ 2M": "dpmpp_2m",
@@ -131,7 +133,7 @@ def router(settings: Settings) -> APIRouter:
     api = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"], route_class=Errors)
     Txt2Img, Img2Img = models["txt2img"], models["img2img"]
 
-    def native_params(body, mode: str, seed: int) -> dict:
+    def native_params(body, mode: str, seed: int, max_pixels: int) -> dict:
         """The native request of one image (so the job is the one the native endpoint makes)."""
         params = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
                   "guidance_scale": body.cfg_scale, "seed": seed, "width": body.width, "height": body.height,
@@ -140,11 +142,13 @@ def router(settings: Settings) -> APIRouter:
             params["strength"] = body.denoising_strength
         try:
             params["sampler"] = sampler_of(body.sampler_name or body.sampler_index, body.scheduler)
-            return native[mode](**params).model_dump()
+            params = native[mode](**params).model_dump()
         except ValueError as e:  # pydantic's ValidationError is one
             errors = e.errors() if isinstance(e, ValidationError) else [{"type": "value_error", "loc": (),
                                                                          "msg": str(e)}]
             raise RequestValidationError(errors)
+        check_pixels(params["width"], params["height"], max_pixels)
+        return params
 
     async def run(request: Request, body, mode: str, params: dict, inputs: dict) -> JSONResponse:
         """One job per image, seeds seed, seed + 1, ...; wait for all; the web UI's answer."""
@@ -204,16 +208,17 @@ def router(settings: Settings) -> APIRouter:
         return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(info)})
 
     @api.post("/txt2img", summary="Web UI: text to image", dependencies=[JSON_BODY], responses=SYNC_ERRORS)
-    async def txt2img(request: Request, body: Txt2Img):
-        return await run(request, body, "txt2img", native_params(body, "txt2img", body.seed), {})
+    async def txt2img(request: Request, body: Txt2Img, max_pixels: MaxPixels):
+        return await run(request, body, "txt2img", native_params(body, "txt2img", body.seed, max_pixels), {})
 
     @api.post("/img2img", summary="Web UI: image to image; with a mask (white = repaint), inpainting",
               dependencies=[JSON_BODY], responses=SYNC_ERRORS)
-    async def img2img(request: Request, body: Img2Img):
-        data, image = open_image(b64decode(body.init_images[0], "init_images[0]"), "init_images[0]", settings)
+    async def img2img(request: Request, body: Img2Img, max_pixels: MaxPixels):
+        data, image = open_image(b64decode(body.init_images[0], "init_images[0]"), "init_images[0]", settings,
+                                 max_pixels)
         inputs, mode = {"image": data}, "img2img"
         if body.mask is not None:
-            mask_data, mask = open_image(b64decode(body.mask, "mask"), "mask", settings)
+            mask_data, mask = open_image(b64decode(body.mask, "mask"), "mask", settings, max_pixels)
             if mask.size != image.size:
                 raise HTTPException(422, f"mask size {mask.width}x{mask.height} must equal the size of "
                                          f"init_images[0], {image.width}x{image.height}")
@@ -222,7 +227,7 @@ def router(settings: Settings) -> APIRouter:
 
                 mask_data = png_bytes(ImageOps.invert(mask.convert("L")))
             inputs["mask"], mode = mask_data, "inpaint"
-        params = size_from_image(native_params(body, mode, body.seed), image, settings)
+        params = size_from_image(native_params(body, mode, body.seed, max_pixels), image, max_pixels)
         return await run(request, body, mode, params, inputs)
 
     @api.get("/samplers", summary="Web UI: the samplers (name, aliases = this project's name)",

@@ -11,10 +11,11 @@ from fastapi.responses import JSONResponse, Response
 
 from .. import schemas
 from ..errors import ERRORS, PNG_OR_JSON, SYNC_ERRORS
-from ..jobs import Config, Queue, idempotency_of, job_status, owner_of, parameters_of, submit, wait_for_result
+from ..jobs import (Config, MaxPixels, Queue, idempotency_of, job_status, owner_of, parameters_of, submit,
+                    wait_for_result)
 from ..queue import JobState
 from ..settings import Settings
-from ..uploads import FORM_BODY, JSON_BODY, read_image, size_from_image
+from ..uploads import FORM_BODY, JSON_BODY, check_pixels, read_image, size_from_image
 
 
 async def wait_and_answer(request: Request, queue, settings: Settings, state: JobState):
@@ -42,28 +43,31 @@ def router(settings: Settings) -> APIRouter:
     api = APIRouter()  # the API key is checked by RequireKey, before any route
     Txt2Img, Img2Img, Inpaint = models["txt2img"], models["img2img"], models["inpaint"]
 
-    async def txt2img_job(request, body, queue, settings):
+    async def txt2img_job(request, body, queue, settings, max_pixels):
+        check_pixels(body.width, body.height, max_pixels)
         params = body.model_dump()
         return await submit(queue, settings, "txt2img", params, {}, owner_of(request),
                             idempotency_of(request, params, {}))
 
-    async def img2img_job(request, params, image, queue, settings):
-        data, img = await read_image(image, "image", settings)
-        params = size_from_image(params.model_dump(), img, settings)
+    async def img2img_job(request, params, image, queue, settings, max_pixels):
+        check_pixels(params.width, params.height, max_pixels)  # (a size asked for: before the upload is read)
+        data, img = await read_image(image, "image", settings, max_pixels)
+        params = size_from_image(params.model_dump(), img, max_pixels)
         return await submit(queue, settings, "img2img", params, {"image": data}, owner_of(request),
                             idempotency_of(request, params, {"image": data}))
 
-    async def inpaint_job(request, params, image, mask, queue, settings):
-        data, img = await read_image(image, "image", settings)
+    async def inpaint_job(request, params, image, mask, queue, settings, max_pixels):
+        check_pixels(params.width, params.height, max_pixels)
+        data, img = await read_image(image, "image", settings, max_pixels)
         inputs = {"image": data}
         if mask is not None:
-            inputs["mask"], m = await read_image(mask, "mask", settings)
+            inputs["mask"], m = await read_image(mask, "mask", settings, max_pixels)
             if m.size != img.size:
                 raise HTTPException(422, f"mask size {m.width}x{m.height} must equal the image size "
                                          f"{img.width}x{img.height}")
         elif not (img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info):
             raise HTTPException(422, "mask is required: the image has no transparent pixels to repaint")
-        params = size_from_image(params.model_dump(), img, settings)
+        params = size_from_image(params.model_dump(), img, max_pixels)
         return await submit(queue, settings, "inpaint", params, inputs, owner_of(request),
                             idempotency_of(request, params, inputs))
 
@@ -73,40 +77,44 @@ def router(settings: Settings) -> APIRouter:
 
     @api.post("/txt2img", response_model=schemas.GenerationResponse, responses={**PNG_OR_JSON, **SYNC_ERRORS},
               summary="Text to image; waits for the result", dependencies=[JSON_BODY])
-    async def txt2img(request: Request, body: Txt2Img, queue: Queue, settings: Config):
-        return await wait_and_answer(request, queue, settings, await txt2img_job(request, body, queue, settings))
+    async def txt2img(request: Request, body: Txt2Img, queue: Queue, settings: Config, max_pixels: MaxPixels):
+        return await wait_and_answer(request, queue, settings,
+                                     await txt2img_job(request, body, queue, settings, max_pixels))
 
     @api.post("/img2img", response_model=schemas.GenerationResponse, responses={**PNG_OR_JSON, **SYNC_ERRORS},
-              summary="Image to image; waits for the result", dependencies=[FORM_BODY])
+              summary="Image to image; waits for the result", description=schemas.FORM_PAIRS,
+              dependencies=[FORM_BODY])
     async def img2img(request: Request, params: Annotated[Img2Img, Form()], image: ImageFile, queue: Queue,
-                      settings: Config):
+                      settings: Config, max_pixels: MaxPixels):
         return await wait_and_answer(request, queue, settings,
-                                     await img2img_job(request, params, image, queue, settings))
+                                     await img2img_job(request, params, image, queue, settings, max_pixels))
 
     @api.post("/inpaint", response_model=schemas.GenerationResponse, responses={**PNG_OR_JSON, **SYNC_ERRORS},
               summary="Repaint the masked (or transparent) part of an image; waits for the result",
-              dependencies=[FORM_BODY])
+              description=schemas.FORM_PAIRS, dependencies=[FORM_BODY])
     async def inpaint(request: Request, params: Annotated[Inpaint, Form()], image: ImageFile, queue: Queue,
-                      settings: Config, mask: MaskFile = None):
+                      settings: Config, max_pixels: MaxPixels, mask: MaskFile = None):
         return await wait_and_answer(request, queue, settings,
-                                     await inpaint_job(request, params, image, mask, queue, settings))
+                                     await inpaint_job(request, params, image, mask, queue, settings, max_pixels))
 
     @api.post("/jobs/txt2img", status_code=202, response_model=schemas.JobAccepted, responses=ERRORS,
               summary="Queue a text-to-image job; answers at once", dependencies=[JSON_BODY])
-    async def txt2img_async(request: Request, body: Txt2Img, queue: Queue, settings: Config):
-        return accepted(request, await txt2img_job(request, body, queue, settings))
+    async def txt2img_async(request: Request, body: Txt2Img, queue: Queue, settings: Config, max_pixels: MaxPixels):
+        return accepted(request, await txt2img_job(request, body, queue, settings, max_pixels))
 
     @api.post("/jobs/img2img", status_code=202, response_model=schemas.JobAccepted, responses=ERRORS,
-              summary="Queue an image-to-image job; answers at once", dependencies=[FORM_BODY])
+              summary="Queue an image-to-image job; answers at once", description=schemas.FORM_PAIRS,
+              dependencies=[FORM_BODY])
     async def img2img_async(request: Request, params: Annotated[Img2Img, Form()], image: ImageFile, queue: Queue,
-                            settings: Config):
-        return accepted(request, await img2img_job(request, params, image, queue, settings))
+                            settings: Config, max_pixels: MaxPixels):
+        return accepted(request, await img2img_job(request, params, image, queue, settings, max_pixels))
 
     @api.post("/jobs/inpaint", status_code=202, response_model=schemas.JobAccepted, responses=ERRORS,
-              summary="Queue an inpainting job; answers at once", dependencies=[FORM_BODY])
+              summary="Queue an inpainting job; answers at once", description=schemas.FORM_PAIRS,
+              dependencies=[FORM_BODY])
     async def inpaint_async(request: Request, params: Annotated[Inpaint, Form()], image: ImageFile, queue: Queue,
-                            settings: Config, mask: MaskFile = None):
-        return accepted(request, await inpaint_job(request, params, image, mask, queue, settings))
+                            settings: Config, max_pixels: MaxPixels, mask: MaskFile = None):
+        return accepted(request, await inpaint_job(request, params, image, mask, queue, settings, max_pixels))
 
     async def _state(request: Request, queue, job_id: str) -> JobState:
         """The job, if this request's API key made it: another key's job is answered as unknown (404, not

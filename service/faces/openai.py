@@ -27,11 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import schemas
 from ..errors import RETRY_AFTER, clear_detail, error_message, field_rules
-from ..jobs import (IDEMPOTENCY_KEY, IdempotencyKeyReused, get_queue, idempotency_of, owner_of, submit,
+from ..jobs import (IDEMPOTENCY_KEY, IdempotencyKeyReused, MaxPixels, get_queue, idempotency_of, owner_of, submit,
                     wait_for_result)
 from ..queue import QueueUnavailable
 from ..settings import Settings
-from ..uploads import FORM_BODY, JSON_BODY, open_image, read_image, size_from_image
+from ..uploads import FORM_BODY, JSON_BODY, check_pixels, open_image, read_image, size_from_image
 
 DEFAULT_MODEL = "sd-from-scratch"
 EXTENSIONS = ("negative_prompt", "steps", "guidance_scale", "sampler", "seed")  # native fields, passed through
@@ -79,16 +79,16 @@ def unauthorized(message: str, headers: dict) -> JSONResponse:
     return error(401, message, headers=headers)
 
 
-def size_of(size: Optional[str], settings: Settings) -> tuple[Optional[int], Optional[int]]:
-    """'WIDTHxHEIGHT' -> (width, height); None or 'auto' -> (None, None): the native or the image's size."""
+def size_of(size: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    """'WIDTHxHEIGHT' -> (width, height); None or 'auto' -> (None, None): the native or the image's size.
+    (WIDTH * HEIGHT is checked against the request's pixel limit apart: uploads.check_pixels.)"""
     if size is None or size == "auto":
         return None, None
     w, _, h = size.lower().partition("x")
     if not (w.isdigit() and h.isdigit()):
         raise ValueError("not WIDTHxHEIGHT")
     width, height = int(w), int(h)
-    if not all(8 <= s <= schemas.MAX_SIDE and s % 8 == 0 for s in (width, height)) or \
-            width * height > settings.max_pixels:
+    if not all(8 <= s <= schemas.MAX_SIDE and s % 8 == 0 for s in (width, height)):
         raise ValueError("out of range")
     return width, height
 
@@ -96,7 +96,8 @@ def size_of(size: Optional[str], settings: Settings) -> tuple[Optional[int], Opt
 def request_models(settings: Settings) -> dict[str, type[BaseModel]]:
     n_rule = f"an integer in [1, {settings.max_images}]"
     size_rule = (f"'WIDTHxHEIGHT' with multiples of 8 in [8, {schemas.MAX_SIDE}] and WIDTH * HEIGHT at most "
-                 f"{settings.max_pixels}, or 'auto'; default: the model's native size (the image's, for edits)")
+                 f"{schemas.max_pixels_rule(settings)}, or 'auto'; default: the model's native size (the image's, "
+                 "for edits)")
 
     class OpenAIImageRequest(BaseModel):
         """OpenAI's image generation request (plus the native fields of EXTENSIONS)."""
@@ -126,7 +127,7 @@ def request_models(settings: Settings) -> dict[str, type[BaseModel]]:
         @field_validator("size")
         @classmethod
         def _size(cls, v):
-            size_of(v, settings)
+            size_of(v)
             return v
 
     class OpenAIEditRequest(OpenAIImageRequest):
@@ -141,11 +142,11 @@ def has_alpha(image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
 
-def repaint_mask(data: bytes, image, settings: Settings) -> bytes:
+def repaint_mask(data: bytes, image, settings: Settings, max_pixels: int) -> bytes:
     """OpenAI's mask (alpha 0 = repaint) as the native one (white = repaint), a PNG."""
     from PIL import Image
 
-    _, mask = open_image(data, "mask", settings)
+    _, mask = open_image(data, "mask", settings, max_pixels)
     if mask.size != image.size:
         raise HTTPException(422, f"mask size {mask.width}x{mask.height} must equal the image size "
                                  f"{image.width}x{image.height}")
@@ -200,9 +201,10 @@ def router(settings: Settings) -> APIRouter:
     api = APIRouter(prefix="/v1/images", tags=["OpenAI compatible"], route_class=OpenAIErrors)
     ImageRequest, EditRequest = models["generation"], models["edit"]
 
-    def native_params(body, mode: str) -> dict:
+    def native_params(body, mode: str, max_pixels: int) -> dict:
         """The native request these fields make (so the job is the one the native endpoint makes)."""
-        width, height = size_of(body.size, settings)
+        width, height = size_of(body.size)
+        check_pixels(width, height, max_pixels, what="size (WIDTH * HEIGHT)")  # (param "size")
         extras = EXTENSIONS + (("strength",) if mode == "inpaint" else ())
         params = {"prompt": body.prompt, "num_images": body.n or 1, "width": width, "height": height,
                   **{k: getattr(body, k) for k in extras if getattr(body, k) is not None}}
@@ -225,28 +227,29 @@ def router(settings: Settings) -> APIRouter:
 
     @api.post("/generations", summary="OpenAI: create images from a prompt (a txt2img job)", dependencies=[JSON_BODY],
               responses=ERRORS)
-    async def generations(request: Request, body: ImageRequest, queue=Depends(get_queue)):
-        params = native_params(body, "txt2img")
+    async def generations(request: Request, body: ImageRequest, max_pixels: MaxPixels, queue=Depends(get_queue)):
+        params = native_params(body, "txt2img", max_pixels)
         state = await submit(queue, settings, "txt2img", params, {}, owner_of(request),
                              idempotency_of(request, params, {}))
         return await answer(request, body, state)
 
     @api.post("/edits", summary="OpenAI: repaint an image where the mask is transparent (an inpaint job)",
               dependencies=[FORM_BODY], responses=ERRORS)
-    async def edits(request: Request, body: Annotated[EditRequest, Form()], queue=Depends(get_queue),
+    async def edits(request: Request, body: Annotated[EditRequest, Form()], max_pixels: MaxPixels,
+                    queue=Depends(get_queue),
                     image: Annotated[Optional[UploadFile], File(description="the image to edit")] = None,
                     images: Annotated[Optional[list[UploadFile]], File(alias="image[]")] = None,
                     mask: Annotated[Optional[UploadFile], File(description="alpha 0 = repaint")] = None):
         uploads = ([image] if image is not None else []) + (images or [])
         if len(uploads) != 1:
             raise HTTPException(422, f"image is required, exactly one (got {len(uploads)})")
-        data, img = await read_image(uploads[0], "image", settings)
+        data, img = await read_image(uploads[0], "image", settings, max_pixels)
         inputs = {"image": data}
         if mask is not None:
-            inputs["mask"] = repaint_mask(await mask.read(), img, settings)
+            inputs["mask"] = repaint_mask(await mask.read(), img, settings, max_pixels)
         elif not has_alpha(img):
             raise HTTPException(422, "mask is required: the image has no transparent pixels to repaint")
-        params = size_from_image(native_params(body, "inpaint"), img, settings)
+        params = size_from_image(native_params(body, "inpaint", max_pixels), img, max_pixels)
         state = await submit(queue, settings, "inpaint", params, inputs, owner_of(request),
                              idempotency_of(request, params, inputs))
         return await answer(request, body, state)
