@@ -51,6 +51,12 @@ class Delta:
     scale: float             # alpha / r
     conv: Optional[dict]     # the layer's stride and padding, for a conv layer's A; None for a linear layer
 
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 conv with stride 1 and no padding: a linear layer on each pixel."""
+        return self.conv is not None and self.down.shape[2:] == (1, 1) and tuple(self.conv["stride"]) == (1, 1) \
+            and tuple(self.conv["padding"]) == (0, 0)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """B (A x) * scale, for x the layer's input rows."""
         if self.conv is None:
@@ -250,6 +256,84 @@ def file_sha256(file) -> str:
 # applying them per sample
 
 
+class _Batch:
+    """
+    The adapters of each row of the forward calls inside one `active` block, and what is built from them per
+    layer, once a block (the sampling loop's steps share it):
+
+      every row the same adapters   each adds B (A x) w_a s_a on the whole batch: no gathering
+      rows that differ              a linear (or 1x1 conv) layer stacks each row's adapters along the rank,
+                                    A [B, in, R] and B [B, R, out] (weights and scales folded in, zeros where a
+                                    row has fewer), and adds two batched matmuls; another conv layer adds each
+                                    adapter's term to its rows (index_add)
+    """
+
+    def __init__(self, loras: dict, component: str, per_row: list, device):
+        self.loras = loras
+        self.sets = [{n: float(w) for n, w in (r or {}).items() if loras[n].touches(component)} for r in per_row]
+        self.uniform = self.sets[0] if self.sets and all(r == self.sets[0] for r in self.sets) else None
+        self.device = device
+        self._stacked: dict = {}               # layer path -> (A_rows, B_rows) or None (no adapter adapts it)
+        self._rows: dict = {}                  # adapter name -> (row indices [k], row weights [k])
+
+    def __bool__(self) -> bool:
+        return any(self.sets)
+
+    def add(self, path: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if self.uniform is not None:
+            for name, weight in self.uniform.items():
+                delta = self.loras[name].deltas.get(path)
+                if delta is not None:
+                    output = output + (delta(x.to(delta.down.dtype)) * weight).to(output.dtype)
+            return output
+        some_delta = next((self.loras[n].deltas[path] for r in self.sets for n in r
+                           if path in self.loras[n].deltas), None)
+        if some_delta is None:
+            return output
+        if some_delta.conv is None or some_delta.pointwise:
+            stacked = self._stacked.get(path) or self._stacked.setdefault(path, self._stack(path))
+            At, Bt = stacked                                                 # [B, in, R], [B, R, out]
+            if some_delta.conv is None:
+                h = x.to(At.dtype).reshape(x.shape[0], -1, x.shape[-1])     # [B, N, in]
+            else:                                                            # a 1x1 conv: a linear on each pixel
+                h = x.to(At.dtype).flatten(2).transpose(1, 2)                # [B, H*W, in]
+            term = torch.bmm(torch.bmm(h, At), Bt)                           # [B, N, out]
+            if some_delta.conv is not None:
+                term = term.transpose(1, 2)                                  # [B, out, H*W]
+            return output + term.reshape(output.shape).to(output.dtype)
+        for name, (rows, weights) in self._adapter_rows().items():
+            delta = self.loras[name].deltas.get(path)
+            if delta is not None:
+                term = delta(x[rows].to(delta.down.dtype))                  # [k, out, h, w]
+                term = term * weights.to(term.dtype).view(-1, 1, 1, 1)
+                output = output.index_add(0, rows, term.to(output.dtype))
+        return output
+
+    def _stack(self, path: str):
+        parts = [[(self.loras[n].deltas[path], w) for n, w in r.items() if path in self.loras[n].deltas]
+                 for r in self.sets]
+        d0 = next(d for row in parts for d, _ in row)
+        rank = max(sum(d.down.shape[0] for d, _ in row) for row in parts)
+        A = torch.zeros(len(parts), rank, d0.down.shape[1], dtype=d0.down.dtype, device=self.device)
+        B = torch.zeros(len(parts), d0.up.shape[0], rank, dtype=d0.up.dtype, device=self.device)
+        for i, row in enumerate(parts):
+            at = 0
+            for d, w in row:
+                r = d.down.shape[0]
+                A[i, at:at + r] = d.down.reshape(r, -1)                   # (a 1x1 conv's [r, in, 1, 1] too)
+                B[i, :, at:at + r] = d.up.reshape(-1, r) * (d.scale * w)
+                at += r
+        return A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()   # [B, in, R], [B, R, out]
+
+    def _adapter_rows(self) -> dict:
+        if not self._rows:
+            for name in sorted({n for r in self.sets for n in r}):
+                index = [i for i, r in enumerate(self.sets) if name in r]
+                self._rows[name] = (torch.tensor(index, device=self.device),
+                                    torch.tensor([self.sets[i][name] for i in index], device=self.device))
+        return self._rows
+
+
 class Adapters:
     """
     The LoRAs loaded into a pipeline's networks, and the hooks that add them. Nothing runs unless `active`
@@ -259,8 +343,7 @@ class Adapters:
     def __init__(self, models: dict):
         self.models = models                   # component name -> network
         self.loras: dict[str, LoRA] = {}
-        # for the forward calls running now, per component: adapter name -> (row indices [k], row weights [k])
-        self._rows: dict[str, dict] = {}
+        self._batches: dict[str, Optional[_Batch]] = {}   # component -> the rows of the calls running now
         self._hooked: dict[str, tuple] = {}    # path -> (module it is hooked on, handle)
 
     def load(self, file, name: Optional[str] = None) -> str:
@@ -299,37 +382,24 @@ class Adapters:
         component = path.partition(".")[0]
 
         def add_deltas(module, inputs, output):
-            active = self._rows.get(component)
-            if not active:
-                return None
-            x = inputs[0]
-            for name, (rows, weights) in active.items():
-                delta = self.loras[name].deltas.get(path)
-                if delta is None:
-                    continue
-                term = delta(x[rows].to(delta.down.dtype))                      # [k, out, ...]
-                term = term * weights.to(term.dtype).view(-1, *([1] * (term.ndim - 1)))
-                output = output.index_add(0, rows, term.to(output.dtype))
-            return output
+            batch = self._batches.get(component)
+            return None if batch is None else batch.add(path, inputs[0], output)
         return add_deltas
 
     @contextmanager
     def active(self, component: str, per_row: list):
         """Within this block, the component's layers add each row's adapters: per_row[i] is row i's
         {adapter name: weight} (or an empty dict / None: the base model)."""
-        rows = {}
-        for name in sorted({n for r in per_row if r for n in r}):
-            if not self.loras[name].touches(component):
-                continue
-            device = next(self.models[component].parameters()).device
-            index = [i for i, r in enumerate(per_row) if r and name in r]
-            rows[name] = (torch.tensor(index, device=device),
-                          torch.tensor([float(per_row[i][name]) for i in index], device=device))
-        if rows:
-            self._hook_all()
-        previous = self._rows.get(component)
-        self._rows[component] = rows
+        batch = None
+        if self.models.get(component) is not None and any(per_row):
+            batch = _Batch(self.loras, component, per_row, next(self.models[component].parameters()).device)
+            if batch:
+                self._hook_all()
+            else:
+                batch = None
+        previous = self._batches.get(component)
+        self._batches[component] = batch
         try:
             yield
         finally:
-            self._rows[component] = previous
+            self._batches[component] = previous
