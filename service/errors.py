@@ -63,6 +63,8 @@ def error_message(err: dict, rules: dict[str, str]) -> str:
         if loc:
             return f"{name} is required"
         return f"the body is required: a JSON object with the fields {', '.join(rules)}"
+    if kind == "extra_forbidden" and len(loc) > 1 and loc[0] in rules:  # inside a field ("loras.0.weight")
+        return f"{name} is not a field: {loc[0]} must be {rules[loc[0]]}"
     if kind == "extra_forbidden":
         return f"{name} is not a field of this request (fields: {', '.join(rules)})"
     if kind == "value_error" and not loc:  # a model validator (width * height)

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 from fastapi import Depends, HTTPException, Request
 
-from . import schemas
+from . import loras, schemas
 from .errors import RETRY_AFTER, shown
 from .queue import ENDED, Idempotency, IdempotencyConflict, Job, JobState, QueueFull, QueueUnavailable, new_job_id
 from .settings import Settings
@@ -83,7 +83,12 @@ def idempotency_of(request: Request, params: dict, inputs: dict) -> Optional[Ide
 async def submit(queue, settings: Settings, mode: str, params: dict, inputs: dict,
                  owner: Optional[str] = None, idempotency: Optional[Idempotency] = None) -> JobState:
     """Queue a job; `owner` (owner_of(request)) is the only key that may see it later. With `idempotency`
-    (idempotency_of(request, ...)), a retry of a request gets back the job it made."""
+    (idempotency_of(request, ...)), a retry of a request gets back the job it made. Every face's jobs pass
+    here: a LoRA the job names (prompt tags, the loras field) that the LoRA folder lacks is a 422 (loras.check)."""
+    try:
+        loras.check(settings, params)
+    except loras.LoraError as e:
+        raise HTTPException(422, str(e))
     if params.get("seed") in (None, -1):
         params = {**params, "seed": secrets.randbelow(schemas.MAX_SEED + 1)}
     job = Job(new_job_id(), mode, {**params, "mode": mode}, inputs, created=time.time(), owner=owner)
@@ -99,7 +104,9 @@ async def submit(queue, settings: Settings, mode: str, params: dict, inputs: dic
 
 def parameters_of(state: JobState) -> schemas.Parameters:
     p = state.params
-    return schemas.Parameters(**{k: p.get(k) for k in schemas.Parameters.model_fields})
+    values = {k: p.get(k) for k in schemas.Parameters.model_fields}
+    values["loras"] = values["loras"] or []  # (a job queued before the field was)
+    return schemas.Parameters(**values)
 
 
 def job_status(request: Request, state: JobState) -> schemas.JobStatus:

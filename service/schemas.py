@@ -9,6 +9,7 @@ native size), known once a worker has announced it, so the faces check it per re
 (uploads.check_pixels with jobs.MaxPixels); the models only describe it.
 """
 
+import json
 from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -25,7 +26,8 @@ MAX_SIDE = 4096
 
 FORM_PAIRS = ("The SDXL fields original_size, crops_coords_top_left, target_size and their negative_ ones are "
               "the JSON endpoint's, each one form field of two integers: `original_size=1024,1024` (also "
-              "`[1024, 1024]`, or the field sent twice).")
+              "`[1024, 1024]`, or the field sent twice). The loras field is JSON text: "
+              "`loras=[{\"name\": \"ink\", \"scale\": 0.8}]` (or one object per field sent).")
 
 
 def max_pixels_rule(settings) -> str:
@@ -45,6 +47,38 @@ def pairs_from_form(value):
         text = value[0].strip().removeprefix("[").removesuffix("]").strip()
         return [x.strip() for x in text.split(",")] if text else None
     return value
+
+
+MAX_LORAS = 16  # entries of a request's loras field
+LORA_RULE = (f"a list of at most {MAX_LORAS} {{name, scale}} objects, name a LoRA of the server's folder "
+             "(GET /sdapi/v1/loras), scale a number in [-10, 10]")
+
+
+class LoraWeight(BaseModel):
+    """One LoRA a request applies: `{"name": "ink", "scale": 0.8}` (as `<lora:ink:0.8>` in the prompt does)."""
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=255, description="a LoRA's name: its file's stem in the "
+                                                                     "server's LoRA folder (SD_LORA_DIR)")
+    scale: float = Field(1.0, ge=-10, le=10, description="a number in [-10, 10]; default 1")
+
+
+def loras_from_form(value):
+    """A form's loras field as the list the rules check: the JSON text of the list, or of one object per field
+    sent (`-F 'loras=[{"name": "ink", "scale": 0.8}]'`, or `-F 'loras={"name": "ink"}'` once per LoRA)."""
+    if isinstance(value, str):
+        value = [value]
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    out = []
+    for text in value:
+        if not text.strip():
+            continue
+        try:
+            item = json.loads(text)
+        except ValueError:
+            return value  # not JSON: the list's rule answers
+        out.extend(item if isinstance(item, list) else [item])
+    return out
 
 
 def request_models(settings) -> dict[str, type[BaseModel]]:
@@ -70,6 +104,9 @@ def request_models(settings) -> dict[str, type[BaseModel]]:
         width: Optional[int] = Field(None, ge=8, le=MAX_SIDE, multiple_of=8, description=side_rule)
         height: Optional[int] = Field(None, ge=8, le=MAX_SIDE, multiple_of=8, description=side_rule)
         num_images: int = Field(1, ge=1, le=settings.max_images, description=images_rule)
+        loras: list[LoraWeight] = Field(default_factory=list, max_length=MAX_LORAS,
+                                        description=f"{LORA_RULE}; also `<lora:NAME:W>` tags in the prompt (their "
+                                                    "weights add to these)")
 
         @model_validator(mode="after")
         def _sides(self):
@@ -97,6 +134,7 @@ def request_models(settings) -> dict[str, type[BaseModel]]:
     class FormMicroConditioning(MicroConditioning):
         """The same fields and rules in a multipart form, each pair one field: `original_size=1024,1024`."""
         _from_form = field_validator(*MicroConditioning.model_fields, mode="before")(pairs_from_form)
+        _loras_from_form = field_validator("loras", mode="before", check_fields=False)(loras_from_form)
 
     # (the mixin first: the fields of Generation then come first, in the schema and in the 422s' field lists)
     class Txt2ImgRequest(MicroConditioning, Generation):
@@ -129,6 +167,7 @@ class Parameters(BaseModel):
     height: Optional[int] = None
     num_images: int
     strength: Optional[float] = None
+    loras: list[LoraWeight] = Field(default_factory=list, description="the loras field (the prompt keeps its tags)")
 
 
 class ImageOut(BaseModel):

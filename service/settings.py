@@ -50,6 +50,10 @@ class Settings:
     max_images: int = 4                   # num_images of one request
     max_upload_bytes: int = 10 * 1024 * 1024  # a whole request body
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no authentication
+    lora_dir: Optional[str] = None        # LoRA files (*.safetensors, *.pt, *.ckpt), each named by its stem; None:
+                                          # no LoRAs (a request naming one gets 422). API and workers see one folder
+    lora_cache_mb: int = 1024             # MiB of LoRA tensors a worker keeps loaded (least recently used out)
+    embeddings_dir: Optional[str] = None  # textual-inversion files, listed at /sdapi/v1/embeddings
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -59,6 +63,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) is not None and not getattr(self, name) > 0:  # (None: max_pixels's default)
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.lora_cache_mb < 0:
+            raise ValueError(f"lora_cache_mb must be >= 0, got {self.lora_cache_mb!r}")
         if self.queue_limit_per_key < 0:
             raise ValueError(f"queue_limit_per_key must be >= 0 (0: no per-key limit), "
                              f"got {self.queue_limit_per_key!r}")
@@ -166,6 +172,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, http: bool) -> None:
         p("--max-steps", type=int, help="largest steps (default 150)")
         p("--max-images", type=int, help="largest num_images (default 4)")
         p("--max-upload-bytes", type=int, help="largest request body (default 10 MiB)")
+    p("--lora-dir", metavar="DIR", help="folder of LoRA files (.safetensors, .pt, .ckpt), each named by its file's "
+      "stem in <lora:NAME:W> tags and the native loras field; the API and the workers must see the same folder "
+      "(env SD_LORA_DIR; default: none, no LoRAs)")
+    p("--lora-cache-mb", type=int, help="MiB of LoRA tensors a worker keeps loaded, least recently used out (env "
+      "SD_LORA_CACHE_MB; default 1024)")
+    if http:
+        p("--embeddings-dir", metavar="DIR", help="folder of textual-inversion embeddings, listed at "
+          "/sdapi/v1/embeddings (env SD_EMBEDDINGS_DIR)")
     p("--device", help="auto, cpu, cuda, cuda:N (env SD_DEVICE; default auto)")
     p("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="(env SD_DTYPE; default auto: fp16 on cuda)")
     p("--optimize", metavar="LEVERS", help="speed levers: auto, none, or a comma list of prepack, compile, "

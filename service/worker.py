@@ -10,6 +10,11 @@ Each turn of the loop:
      (a job's images are the same as when it runs alone), reporting progress at every step,
   4. encode each image as a PNG with its parameters chunk, store, signal the waiter, acknowledge.
 
+LoRAs (service/loras.py): before a group runs, the LoRAs each of its jobs names (prompt tags, the loras field)
+are loaded if they are not (kept within SD_LORA_CACHE_MB, least recently used out); a job whose LoRA cannot
+be loaded (unknown, unreadable, unsafe, not fitting the model) fails with that error as its own fault, and the
+rest of the group runs without it. Jobs with different LoRAs share a batch (each Request carries its own).
+
 A group that raises is rerun job by job, so one bad job does not fail the others. A job that raises
 ValueError (its own bad input) fails at once; any other error is retried up to max_attempts runs.
 A cancelled job is stopped between steps (model.Cancelled) when every job of its group is cancelled,
@@ -37,6 +42,7 @@ import socket
 import threading
 import time
 
+from . import loras
 from .metrics import observe
 from .models import announcement
 
@@ -69,7 +75,7 @@ def load_pipeline(settings):
 
 
 def group_key(job) -> tuple:
-    """Jobs with equal keys can run as one batch."""
+    """Jobs with equal keys can run as one batch (their LoRAs may differ: not part of the key)."""
     p = job.params
     return (job.mode, p["width"], p["height"], p["steps"], p["sampler"], p.get("strength"))
 
@@ -111,6 +117,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.calls = 0  # pipeline calls made: one per batch
         self.model = announcement(pipe)  # what its liveness key says it serves: the API's limits follow it
+        self.lora_cache = loras.Cache(pipe, loras.lora_folder(settings), settings.lora_cache_mb * 2**20)
 
     def run(self, stop: threading.Event) -> None:
         """Work until `stop` is set; then finish the running batch and release the rest. While the queue
@@ -176,9 +183,31 @@ class Worker:
             raise
         return len(jobs)
 
+    def with_loras(self, jobs: list) -> list:
+        """The jobs whose LoRAs are loaded, loading them first; each other job fails with its LoRA's error
+        (a LoraError: the request's own, not retried), so it never fails its batch-mates."""
+        ready, in_use = [], set()
+        for job in jobs:
+            try:
+                names = loras.wanted(job.params)
+                self.lora_cache.ensure(names, keep=in_use)
+            except loras.LoraError as e:
+                self.queue.fail(job, str(e), retry=False, kind="invalid")
+                continue
+            except Exception as e:  # noqa: BLE001  (out of memory moving it to the GPU, ...: may pass)
+                log.exception("job %s: its LoRAs failed to load (attempt %d)", job.id, job.attempts)
+                self.queue.fail(job, f"{type(e).__name__}: {e}", retry=True)
+                continue
+            in_use |= names
+            ready.append(job)
+        return ready
+
     def run_batch(self, jobs: list) -> None:
         from model import Cancelled
 
+        jobs = self.with_loras(jobs)
+        if not jobs:
+            return
         cancelled: set[str] = set()
         try:
             images = self._generate(jobs, cancelled)
@@ -218,8 +247,9 @@ class Worker:
             image = _open_image(job.inputs["image"], "image") if "image" in job.inputs else None
             mask = _open_image(job.inputs["mask"], "mask") if "mask" in job.inputs else None
             micro = {k: tuple(p[k]) for k in MICRO_CONDITIONING if p.get(k) is not None}  # (SDXL's; JSON lists)
-            requests.append(Request(p["prompt"], p["negative_prompt"], p["seed"], p["guidance_scale"],
-                                    p["num_images"], image=image, mask=mask, **micro))
+            prompt, job_loras = loras.for_pipeline(self.pipe, p["prompt"], p.get("loras"))  # (tags: see there)
+            requests.append(Request(prompt, p["negative_prompt"], p["seed"], p["guidance_scale"],
+                                    p["num_images"], image=image, mask=mask, loras=job_loras, **micro))
         step_times: list[float] = []
         last = [time.monotonic()]  # the previous step's end
 

@@ -5,6 +5,8 @@
     POST /sdapi/v1/img2img     the same + init_images [base64], denoising_strength, mask (base64, white =
                                 repaint), inpainting_mask_invert                       -> img2img / inpaint jobs
     GET  /sdapi/v1/samplers    the sampler names this server knows
+    GET  /sdapi/v1/loras       the LoRA folder's files [{name, alias, path, metadata}]; POST refresh-loras
+    GET  /sdapi/v1/embeddings  the embeddings folder's file names {"loaded": {name: {...}}, "skipped": {}}
     GET  /sdapi/v1/progress    progress of the oldest running request made here
     POST /sdapi/v1/interrupt   cancel that request's jobs; it answers the images already finished
 
@@ -13,9 +15,9 @@ the i-th of the batch_size * n_iter images has seed + i (each image is one job, 
 alone by its seed), and seed -1 draws one. Fields this subset does not serve (hires fix, scripts,
 styles, ...) are ignored. The web UI's API has no field for SDXL's micro-conditioning (it conditions on
 the request's width and height, and crops only by its sdxl_crop_top/left options), so neither has this
-subset. The API key (when configured) is sent as `Authorization: Bearer KEY`, `X-API-Key: KEY`, or as the
-password of HTTP basic auth (webuiapi's `set_auth`). Progress and interrupt see the requests of this API
-process only.
+subset. LoRAs are `<lora:NAME:W>` tags in the prompt, as in the web UI (service/loras.py). The API key
+(when configured) is sent as `Authorization: Bearer KEY`, `X-API-Key: KEY`, or as the password of HTTP
+basic auth (webuiapi's `set_auth`). Progress and interrupt see the requests of this API process only.
 """
 
 import base64
@@ -33,7 +35,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .. import schemas
+from .. import loras, schemas
 from ..errors import ERRORS, SYNC_ERRORS, error_message, field_rules
 from ..jobs import MaxPixels, idempotency_of, owner_of, submit, wait_for_result
 from ..queue import ENDED
@@ -229,6 +231,31 @@ def router(settings: Settings) -> APIRouter:
             inputs["mask"], mode = mask_data, "inpaint"
         params = size_from_image(native_params(body, mode, body.seed, max_pixels), image, max_pixels)
         return await run(request, body, mode, params, inputs)
+
+    @api.get("/loras", summary="Web UI: the LoRAs of the server's folder (name = the file's stem)",
+             responses={401: ERRORS[401]})
+    def list_loras():  # (a plain def: FastAPI runs it in a thread, as it reads the files' headers)
+        folder = loras.lora_folder(settings)
+        if folder is None:
+            return []
+        return [{"name": name, "alias": name, "path": str(file), "metadata": folder.metadata(file)}
+                for name, file in folder.files().items()]
+
+    @api.post("/refresh-loras", summary="Web UI: list the LoRA folder again", responses={401: ERRORS[401]})
+    def refresh_loras():
+        for folder in (loras.lora_folder(settings), loras.embeddings_folder(settings)):
+            if folder is not None:
+                folder.refresh()
+                folder.files()
+        return None
+
+    @api.get("/embeddings", summary="Web UI: the embeddings of the server's folder (names only)",
+             responses={401: ERRORS[401]})
+    def list_embeddings():
+        folder = loras.embeddings_folder(settings)
+        unknown = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
+        return {"loaded": {name: dict(unknown) for name in (folder.names() if folder is not None else [])},
+                "skipped": {}}
 
     @api.get("/samplers", summary="Web UI: the samplers (name, aliases = this project's name)",
              responses={401: ERRORS[401]})

@@ -9,8 +9,9 @@ service's API key is the OpenAI key (`Authorization: Bearer KEY`). The mask foll
 fully transparent pixels (alpha 0) are repainted; without a mask, the image's own transparent pixels.
 `response_format="url"` answers links to /jobs/{id}/image/{n} (kept SD_RESULT_TTL seconds; they need
 the API key like every other route). `model`, `quality`, `style`, `user` and the like are accepted:
-this server has one model. The native fields negative_prompt, steps, guidance_scale, sampler, seed
-(and strength for edits) may be added to a request as extensions.
+this server has one model. The native fields negative_prompt, steps, guidance_scale, sampler, seed,
+loras (and strength for edits) may be added to a request as extensions; `<lora:NAME:W>` tags in the prompt
+apply LoRAs as on every face.
 """
 
 import base64
@@ -34,7 +35,7 @@ from ..settings import Settings
 from ..uploads import FORM_BODY, JSON_BODY, check_pixels, open_image, read_image, size_from_image
 
 DEFAULT_MODEL = "sd-from-scratch"
-EXTENSIONS = ("negative_prompt", "steps", "guidance_scale", "sampler", "seed")  # native fields, passed through
+EXTENSIONS = ("negative_prompt", "steps", "guidance_scale", "sampler", "seed", "loras")  # native fields, passed through
 # status of a native error -> (OpenAI status, type, code)
 KINDS = {400: (400, "invalid_request_error", "invalid_value"), 413: (400, "invalid_request_error", "too_large"),
          415: (400, "invalid_request_error", "invalid_image_format"),
@@ -123,6 +124,7 @@ def request_models(settings: Settings) -> dict[str, type[BaseModel]]:
         guidance_scale: Optional[float] = None
         sampler: Optional[str] = None
         seed: Optional[int] = None
+        loras: Optional[list] = None
 
         @field_validator("size")
         @classmethod
@@ -188,7 +190,7 @@ def router(settings: Settings) -> APIRouter:
                                       "code": "idempotency_key_reused"}}
                     return JSONResponse(body, 422)
                 except StarletteHTTPException as e:
-                    first = str(e.detail).split(" ")[0]
+                    first = str(e.detail).split(" ")[0].removesuffix(":")  # ("prompt: unknown LoRA ...")
                     param = first if first in fields else None
                     code = "unsupported_content_type" if e.status_code == 415 and param is None else None
                     return error(e.status_code, clear_detail(e), param, code, headers=e.headers)
