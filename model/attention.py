@@ -13,12 +13,41 @@ cuDNN kernels accumulate the scores and the softmax in fp32, and its math fallba
 flag costs nothing; on other devices (MPS, XPU, ...) the attention runs on fp32 q, k, v and casts the result back.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 _HALF = (torch.float16, torch.bfloat16)
 _SDPA_FP32_DEVICES = ("cuda", "cpu")   # where SDPA reduces fp16/bf16 scores in fp32 by itself (see above)
+
+
+@dataclass
+class RaggedContext:
+    """
+    A batch's text contexts of different lengths (the prompt syntax's 77-token chunks: 77, 154, 231, ...), given to
+    the UNet in place of a context tensor; the UNet passes it as it is to every cross-attention.
+
+    padded   [B, L_max, D]: each row's context, zeros after its own length
+    groups   [(rows, L)]: the row indices (LongTensor) whose context is L tokens long; every row in exactly one
+
+    A cross-attention projects keys and values of the padded batch (one pass, so that LoRA hooks see every row),
+    then attends each group to its own first L keys only: a row attends to exactly its own context, as when it
+    runs alone, and the rest of the UNet runs once for the whole batch.
+    """
+    padded: torch.Tensor
+    groups: list
+
+    @classmethod
+    def of(cls, contexts: list) -> "RaggedContext":
+        """From a list of [L_i, D] contexts, one per row."""
+        longest = max(c.shape[0] for c in contexts)
+        padded = torch.stack([F.pad(c, (0, 0, 0, longest - c.shape[0])) for c in contexts])
+        lengths = [c.shape[0] for c in contexts]
+        groups = [(torch.tensor([i for i, n in enumerate(lengths) if n == L], device=padded.device), L)
+                  for L in dict.fromkeys(lengths)]
+        return cls(padded, groups)
 
 
 class Attention(nn.Module):
@@ -37,21 +66,30 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim), nn.Dropout(dropout)])
 
     def forward(self, x, context=None):
-        # x: [B, N, query_dim], context: [B, L, context_dim] (None: attend to x itself)
-        context = x if context is None else context
+        # x: [B, N, query_dim], context: [B, L, context_dim] or a RaggedContext (None: attend to x itself)
+        ragged = context if isinstance(context, RaggedContext) else None
+        context = x if context is None else context if ragged is None else ragged.padded
         B, N, _ = x.shape
         L = context.shape[1]
         q = self.to_q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)        # [B, h, N, d]
         k = self.to_k(context).view(B, L, self.heads, self.head_dim).transpose(1, 2)  # [B, h, L, d]
         v = self.to_v(context).view(B, L, self.heads, self.head_dim).transpose(1, 2)  # [B, h, L, d]
-        if self.upcast and q.dtype in _HALF and q.device.type not in _SDPA_FP32_DEVICES:
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v)                               # softmax(qk^T/sqrt(d)) v
+        if ragged is None:
+            y = self._attend(q, k, v)
+        else:  # each group of rows on its own keys: [b, h, N, d] from [b, h, L_g, d]
+            y = q.new_empty(q.shape)
+            for rows, length in ragged.groups:
+                y[rows] = self._attend(q[rows], k[rows, :, :length], v[rows, :, :length])
         y = y.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)               # [B, N, h*d]
         for layer in self.to_out:                                                     # linear, dropout
             y = layer(y)
         return y
+
+    def _attend(self, q, k, v):
+        """softmax(q k^T / sqrt(d)) v, in fp32 where `upcast` asks and SDPA would not by itself."""
+        if self.upcast and q.dtype in _HALF and q.device.type not in _SDPA_FP32_DEVICES:
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class GEGLU(nn.Module):

@@ -8,6 +8,7 @@
 One generation, start to end:
 
     text   --tokenizer--> ids [B, 77] --CLIP--> context [B, 77, D]
+                          (AUTOMATIC1111's prompt syntax: k chunks of 77 -> [77 k, D] each: model/conditioning.py)
     seed   --randn------> noise [B, C, h, w]                     (h, w = H/f, W/f; f = 8 for SD 1.x)
     image  --VAE enc----> x0 latents (img2img, inpaint: a posterior sample, drawn as diffusers draws it)
     mask   --max pool---> latent mask [B, 1, h, w]; known region kept on x0 (4-channel UNet) or
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -38,7 +39,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import samplers
+from .attention import RaggedContext
 from .conditioning import Encoded, TextConditioner
+from .prompts import CHUNK_LENGTH, extract_lora_tags
 from .pnginfo import infotext
 from .lora import Adapters
 from .weights import Components, load
@@ -102,11 +105,13 @@ def _check_size(name: str, value) -> None:
 def _check_request(r: Request, mode: str) -> None:
     _check(isinstance(r.prompt, str), f"prompt must be a string, got {type(r.prompt).__name__}")
     _check(isinstance(r.negative_prompt, str), "negative_prompt must be a string")
-    _check(isinstance(r.seed, int) and 0 <= r.seed <= MAX_SEED, f"seed must be an integer in [0, {MAX_SEED}], got {r.seed!r}")
+    _check(isinstance(r.seed, int) and 0 <= r.seed <= MAX_SEED,
+           f"seed must be an integer in [0, {MAX_SEED}], got {r.seed!r}")
     g = r.guidance_scale
     _check(isinstance(g, (int, float)) and math.isfinite(g) and g >= 0,
            f"guidance_scale must be a finite number >= 0, got {g!r}")
-    _check(isinstance(r.num_images, int) and r.num_images >= 1, f"num_images must be an integer >= 1, got {r.num_images!r}")
+    _check(isinstance(r.num_images, int) and r.num_images >= 1,
+           f"num_images must be an integer >= 1, got {r.num_images!r}")
     if mode != "txt2img":
         _check(isinstance(r.image, Image.Image), f"image is required for {mode}")
     for name in ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
@@ -175,7 +180,7 @@ class StableDiffusion:
         self.source: Path | None = None    # the weights it was loaded from (compiled packages live beside them)
         self.tuner = None                  # the Tuner of optimize(), once it is called
         self.compiled = None               # optimize()'s CompiledUNet, when packages for this machine exist
-        # (prompt, the text encoders' LoRAs) -> its conditioning
+        # (prompt, the text encoders' LoRAs, its number of chunks) -> its conditioning
         self._text_cache: OrderedDict[tuple, Encoded] = OrderedDict()
         self.adapters = Adapters({"unet": self.unet, "text_encoder": self.text_encoder,
                                   "text_encoder_2": self.text_encoder_2})
@@ -262,22 +267,50 @@ class StableDiffusion:
                             if self.adapters.loras[n].touches("text_encoder") or
                             self.adapters.loras[n].touches("text_encoder_2")))
 
+    # --- textual inversion --------------------------------------------------
+
+    def load_embedding(self, path, token: Optional[str] = None) -> str:
+        """Load a textual inversion embedding (model/embeddings.py: the web UI's .pt, .safetensors with emb_params
+        or SDXL's clip_l + clip_g, diffusers' learned_embeds) under `token` (default: the file's stem): that word
+        written in a prompt then stands for its vectors. Loading a name again replaces it. Returns the name."""
+        from .embeddings import load_embedding
+
+        name = load_embedding(path, self.conditioner.encoders, token)
+        self._text_cache.clear()  # a cached prompt may contain the name (or its older vectors)
+        return name
+
     # --- text ---------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_prompts(self, prompts: Sequence[str], negative: bool = False, loras: Optional[Sequence] = None):
+    def encode_prompts(self, prompts: Sequence[str], negative: bool = False, loras: Optional[Sequence] = None,
+                       chunks: Optional[Sequence[int]] = None):
         """[B] prompts -> (contexts [B, L, D], pooled [B, P] or None: model/conditioning.py). Each distinct
         prompt is encoded once; recent ones (the empty negative prompt above all) are kept in a small cache.
         negative: these are negative prompts (an empty one is zeros where the model says so: SDXL).
-        loras: each prompt's {LoRA name: weight} (None: the base model); text-encoder LoRAs change encodings."""
-        keys = [(p, self._text_loras(r)) for p, r in zip(prompts, loras or [None] * len(prompts))]
+        loras: each prompt's {LoRA name: weight} (None: the base model); text-encoder LoRAs change encodings.
+        chunks: each prompt's number of 77-token chunks (at least; the prompt syntax of model/prompts.py); they
+        must come to one L. None: as many as the batch's longest prompt needs, as the web UI pads a batch."""
+        if chunks is None:
+            chunks = [max((self.conditioner.count_chunks(p) for p in prompts), default=1)] * len(prompts)
+        encoded = self._encode(prompts, negative, loras, chunks)
+        _check(len({e.context.shape for e in encoded}) <= 1, "chunks: the prompts' contexts differ in length")
+        context = torch.stack([e.context for e in encoded])
+        pooled = torch.stack([e.pooled for e in encoded]) if encoded and encoded[0].pooled is not None else None
+        return context, pooled
+
+    def _encode(self, prompts: Sequence[str], negative: bool, loras: Optional[Sequence],
+                chunks: Sequence[int]) -> list[Encoded]:
+        """encode_prompts, one Encoded per prompt (contexts of any length: prompt i's is 77 * max(chunks[i], the
+        chunks it needs) tokens)."""
+        keys = [(p, self._text_loras(r), k) for p, r, k in zip(prompts, loras or [None] * len(prompts), chunks)]
         missing = [k for k in dict.fromkeys(keys) if k not in self._text_cache]
         for text_loras in dict.fromkeys(k[1] for k in missing):     # one encoder pass per LoRA set
             group = [k for k in missing if k[1] == text_loras]
             sets = [dict(text_loras)] * len(group)
             with self.adapters.active("text_encoder", sets), self.adapters.active("text_encoder_2", sets):
-                for k, encoded in zip(group, self.conditioner.encode([p for p, _ in group], self.device)):
-                    self._text_cache[k] = encoded
+                encoded = self.conditioner.encode([p for p, _, _ in group], self.device, [n for _, _, n in group])
+                for k, e in zip(group, encoded):
+                    self._text_cache[k] = e
         for k in keys:
             self._text_cache.move_to_end(k)
         encoded = [self._text_cache[k] for k in keys]
@@ -285,9 +318,7 @@ class StableDiffusion:
             self._text_cache.popitem(last=False)
         if negative and self.conditioner.zeros_for_empty_negative:
             encoded = [self.conditioner.zeros(e) if p == "" else e for p, e in zip(prompts, encoded)]
-        context = torch.stack([e.context for e in encoded])
-        pooled = torch.stack([e.pooled for e in encoded]) if encoded and encoded[0].pooled is not None else None
-        return context, pooled
+        return encoded
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """[B] prompts -> [B, L, D] contexts (encode_prompts without the pooled embeddings)."""
@@ -359,8 +390,10 @@ class StableDiffusion:
         _check(len(requests) > 0, "requests must not be empty")
         for r in requests:
             _check_request(r, mode)
-            _check(r.loras is None or isinstance(r.loras, dict), f"loras must be a dict of name: weight, got {r.loras!r}")
+            _check(r.loras is None or isinstance(r.loras, dict),
+                   f"loras must be a dict of name: weight, got {r.loras!r}")
             self.adapters.check(r.lora_set())
+        runs = [self._with_prompt_loras(r) for r in requests]   # what runs: tags out of the prompts, into loras
         _check(sampler in samplers.SAMPLERS, f"sampler must be one of {', '.join(samplers.SAMPLERS)}, got {sampler!r}")
         _check(isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= 1000,
                f"steps must be an integer in [1, 1000], got {steps!r}")
@@ -384,18 +417,18 @@ class StableDiffusion:
                f"width and height must be multiples of {self.latent_factor} for this model")
 
         with torch.inference_mode():
-            images = self._generate(requests, mode, steps, sampler, width, height, strength, eta, callback)
+            images = self._generate(runs, mode, steps, sampler, width, height, strength, eta, callback)
 
         out, k = [], 0
-        for r in requests:
+        for r, run in zip(requests, runs):
             batch = []
             for i in range(r.num_images):
                 img = to_pil(images[k])
-                params = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "steps": steps,
+                params = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "steps": steps,  # as written
                           "sampler": sampler, "guidance_scale": r.guidance_scale, "seed": r.seed, "width": width,
                           "height": height, "mode": mode, "model": self.name,
                           "strength": strength if mode != "txt2img" else None,
-                          "loras": {n: (w, self.adapters.loras[n].sha256) for n, w in r.lora_set().items()},
+                          "loras": {n: (w, self.adapters.loras[n].sha256) for n, w in run.lora_set().items()},
                           "num_images": r.num_images, "index": i}
                 img.info["generation"] = params
                 img.info["parameters"] = infotext(params)
@@ -403,6 +436,26 @@ class StableDiffusion:
                 k += 1
             out.append(batch)
         return out
+
+    def _with_prompt_loras(self, r: Request) -> Request:
+        """The request as it runs: the <lora:NAME:W> tags of its prompt taken out of the text
+        (prompts.extract_lora_tags) and added to its loras. A tag's weight ADDS to a loras= entry of the same
+        name, as two tags of one name add up (the web UI applies each tag by itself, and a LoRA's change is linear
+        in its weight); so "<lora:ink:0.8> a cat" runs exactly as Request("a cat", loras={"ink": 0.8}).
+        The negative prompt keeps its tags as text, as the web UI does (it parses extra networks out of the
+        prompts only: a LoRA applies to both halves of the guidance, so a negative one would mean nothing else)."""
+        try:
+            text, tags = extract_lora_tags(r.prompt)
+        except ValueError as e:
+            raise ValueError(f"prompt: {e}") from None
+        if not tags:
+            return r
+        loras = dict(r.loras or {})
+        for name, weight in tags.items():
+            loras[name] = loras.get(name, 0.0) + weight
+        run = replace(r, prompt=text, loras=loras)
+        self.adapters.check(run.lora_set())    # an unknown tag name: the ValueError of an unknown loras= name
+        return run
 
     def _added_conditioning(self, per_image: list, guided: list, pooled_uncond, pooled, width: int,
                             height: int) -> dict:
@@ -435,15 +488,35 @@ class StableDiffusion:
         # text: conditional contexts for all images, unconditional ones only where guidance needs them
         scales = torch.tensor(expand([float(r.guidance_scale) for r in requests]), device=self.device)
         guided = torch.nonzero(scales != 1.0).flatten()          # images that need the unconditional pass
+        # A request's prompt and negative prompt get one number of 77-token chunks (model/prompts.py), the longer
+        # one's, the shorter padded with empty chunks as the web UI's pad_cond_uncond option does, so that its two
+        # rows have one context length; without guidance the negative prompt is not used, and does not pad.
         image_loras = expand([r.lora_set() for r in requests])                 # each image's LoRAs
-        cond, pooled = self.encode_prompts(expand([r.prompt for r in requests]), loras=image_loras)
+        count = self.conditioner.count_chunks
+        chunks = expand([max(count(r.prompt), count(r.negative_prompt) if r.guidance_scale != 1 else 1)
+                         for r in requests])
+        cond = self._encode(expand([r.prompt for r in requests]), False, image_loras, chunks)
         negatives = [expand([r.negative_prompt for r in requests])[i] for i in guided.tolist()]
         guided_loras = [image_loras[i] for i in guided.tolist()]
-        uncond, pooled_uncond = self.encode_prompts(negatives, negative=True, loras=guided_loras) if negatives else \
-            (cond[:0], None if pooled is None else pooled[:0])
-        context = torch.cat([uncond, cond])
+        uncond = self._encode(negatives, True, guided_loras, [chunks[i] for i in guided.tolist()])
+        pooled = torch.stack([e.pooled for e in cond]) if cond[0].pooled is not None else None
+        pooled_uncond = None if pooled is None else torch.stack([e.pooled for e in uncond]) if uncond else pooled[:0]
         g = scales[guided].view(-1, 1, 1, 1)
         added = self._added_conditioning(expand(requests), guided.tolist(), pooled_uncond, pooled, width, height)
+
+        # The UNet's rows are [uncond (the guided images), cond (every image)], one context each. When they differ
+        # in length (requests whose prompts need different numbers of chunks), the UNet still runs once for the whole
+        # batch, with a RaggedContext (model/attention.py): every cross-attention projects the zero-padded contexts
+        # at once, then attends each group of rows of one length to its own keys only. So a row attends to exactly
+        # its own context, as alone, and nothing else of the UNet changes: a row differs from its run alone only as
+        # batching already makes it differ (batch size). Against the two obvious ways (bench/mixed_lengths.py, an
+        # SD 1.5 UNet, 1- and 3-chunk requests, CPU fp32): one UNet call per length (sub-batches) is exact but reads
+        # the weights and launches every kernel once per length (1.36x one plain call at 32x32 latents, 0.95x at
+        # 64x64; on a GPU, small calls are launch-bound); zero-padding plus a key mask costs the same as this
+        # (1.07x, 1.01x) but needs the mask down every block of the UNet, a masked SDPA kernel and work on the
+        # padded keys, and adds round-off where a row needs no padding. This: 1.03x and 1.01x.
+        rows = [e.context for e in uncond + cond]
+        context = torch.stack(rows) if len({c.shape for c in rows}) == 1 else RaggedContext.of(rows)
 
         # input images (img2img, inpaint), all at the batch's size: pixels [B, 3, H, W], pixel_masks [B, 1, H, W]
         # Each request's generator draws as diffusers' img2img and inpaint pipelines draw: first a sample of the
@@ -497,10 +570,12 @@ class StableDiffusion:
             if masked_latents is not None:  # 9-channel UNet: [latents, mask, masked-image latents]
                 x_in = torch.cat([x_in, masks, masked_latents], dim=1)
             x_in = torch.cat([x_in[guided], x_in]).to(self.dtype)
-            # (compiled packages: SD 1.x / 2.x shapes without LoRAs; LoRAs add their terms through eager hooks)
-            unet = self.unet if added or any(image_loras) else (self.compiled or self.unet)
-            with self.adapters.active("unet", guided_loras + image_loras):          # rows [uncond, cond]
-                eps = unet(x_in, t.to(self.device), context, **added).float()
+            # (compiled packages: SD 1.x / 2.x shapes of 77 tokens without LoRAs, what they were built for; LoRAs add
+            # their terms through eager hooks)
+            plain = not added and not any(image_loras) and isinstance(context, torch.Tensor) and \
+                context.shape[1] == CHUNK_LENGTH + 2
+            unet = (self.compiled or self.unet) if plain else self.unet
+            eps = unet(x_in, t.to(self.device), context, **added).float()
             eps_uncond, eps = eps[: len(guided)], eps[len(guided):].clone()
             eps[guided] = eps_uncond + g * (eps[guided] - eps_uncond)
             return samplers.to_x0(x, sigma, eps, self.schedule.prediction_type)
@@ -516,8 +591,10 @@ class StableDiffusion:
                 return masks * x + (1 - masks) * samplers.add_noise(plan, x0, n0, step=i)
 
         if plan.steps:
-            x = samplers.run(sampler, denoise, x, plan, noise=noise, eta=eta, between_steps=between_steps,
-                             callback=callback)
+            # every UNet row (unconditional ones first, as denoise lays them out) with its image's LoRAs, for all steps
+            with self.adapters.active("unet", guided_loras + image_loras):
+                x = samplers.run(sampler, denoise, x, plan, noise=noise, eta=eta, between_steps=between_steps,
+                                 callback=callback)
             latents = samplers.finish(plan, x)
         else:  # strength 0: nothing to denoise
             latents = x0

@@ -15,6 +15,8 @@ import io
 
 from PIL import Image, PngImagePlugin
 
+from .prompts import extract_lora_tags
+
 # Field order of the last line, and the label each key is written under.
 _LABELS = {
     "steps": "Steps",
@@ -31,9 +33,17 @@ _LABELS = {
 
 def infotext(params: dict) -> str:
     """Render generation parameters as the `parameters` chunk text."""
-    prompt = str(params.get("prompt", ""))
-    loras = params.get("loras") or {}     # {name: (weight, sha256)}: as the web UI writes them, tags in the prompt
-    tags = [f"<lora:{name}:{weight:g}>" for name, (weight, _) in loras.items() if f"<lora:{name}:" not in prompt]
+    prompt = str(params.get("prompt", ""))  # as the user wrote it: emphasis, BREAK and <lora:...> tags included
+    # loras: {name: (weight, sha256)}, all that was applied. As the web UI writes them, they are tags in the prompt:
+    # the prompt's own, plus one for what they do not say (a loras= weight, added to a tag of the same name), so
+    # that the text, parsed again, applies the same weights.
+    loras = params.get("loras") or {}
+    try:
+        written = extract_lora_tags(prompt)[1]
+    except ValueError:
+        written = {}
+    tags = [f"<lora:{name}:{weight - written.get(name, 0.0):g}>" for name, (weight, _) in loras.items()
+            if weight != written.get(name, 0.0)]
     lines = [" ".join([prompt, *tags]) if prompt else " ".join(tags)]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")

@@ -246,10 +246,11 @@ def tokenize_prompt(text: str, tokenizer) -> Chunks:
     return chunk_fragments(parse_attention(text), tokenizer)
 
 
-def pad_chunks(batch: list[Chunks], tokenizer) -> list[Chunks]:
-    """Give every prompt of a batch as many chunks as the longest, appending empty chunks (bos, eos, pad...),
-    as the web UI does to a negative prompt shorter than its positive one (sd_hijack_clip forward, empty_chunk)."""
-    k = max(len(c) for c in batch)
+def pad_chunks(batch: list[Chunks], tokenizer, length: int = 0) -> list[Chunks]:
+    """Give every prompt of a batch as many chunks as the longest (or `length`, if more), appending empty chunks
+    (bos, eos, pad...), as the web UI does to a negative prompt shorter than its positive one (sd_hijack_clip
+    forward, empty_chunk)."""
+    k = max(length, *(len(c) for c in batch))
     empty_ids, empty_weights = _row(tokenizer, []), _weight_row([])
     return [Chunks(c.ids + [list(empty_ids) for _ in range(k - len(c))],
                    c.weights + [list(empty_weights) for _ in range(k - len(c))]) for c in batch]

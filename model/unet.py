@@ -389,7 +389,8 @@ class UNet(nn.Module):
     def forward(self, x, t, context, text_embeds=None, time_ids=None):
         """
         x: [B, in_channels, H, W] noisy latents; t: timesteps, a number, a 0-d tensor or [B] tensor (int or float);
-        context: [B, L, cross_attention_dim] text hidden states. Returns [B, out_channels, H, W].
+        context: [B, L, cross_attention_dim] text hidden states, or a RaggedContext (model/attention.py: rows
+        of different lengths) that the cross-attentions take as it is. Returns [B, out_channels, H, W].
         SDXL (addition_embed_type "text_time") also needs, and other UNets refuse:
         text_embeds: [B, P] pooled text embeddings (SDXL base: P = 1280, the second text encoder's projection);
         time_ids: [B, K] micro-conditioning (SDXL base: K = 6, original H, W, crop top, left, target H, W),
