@@ -1,7 +1,7 @@
 """
 The CLIP text encoder: one transformer, configured for each Stable Diffusion family's text tower(s).
 
-    token embedding + learned position embedding
+    token embedding (+ textual inversion's added rows) + learned position embedding
     -> N pre-LN transformer blocks (causal self-attention, MLP with quick-GELU or GELU)
     -> final LayerNorm
     [-> pooled: the final-normed state at each sequence's EOS token -> text_projection (no bias)]
@@ -159,11 +159,20 @@ class CLIPEmbeddings(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # textual inversion (model/embeddings.py): vectors [n, hidden] of the ids added_start ... added_start + n - 1
+        # that a tokenizer gives its added words; not in the state_dict. None: no added words
+        self.register_buffer("added", None, persistent=False)
+        self.added_start = config.vocab_size
 
     def forward(self, input_ids):
         # input_ids: [B, T] -> [B, T, hidden]; positions 0..T-1 (no position_ids buffer, so none in state_dict)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.token_embedding(input_ids) + self.position_embedding(pos)[None]
+        if self.added is not None and (input_ids >= self.added_start).any():
+            # the table diffusers' resize_token_embeddings leaves: the rows below added_start, then the added ones
+            tokens = F.embedding(input_ids, torch.cat([self.token_embedding.weight[:self.added_start], self.added]))
+        else:
+            tokens = self.token_embedding(input_ids)
+        return tokens + self.position_embedding(pos)[None]
 
 
 class CLIPEncoder(nn.Module):

@@ -14,6 +14,7 @@ transformers saves). `train_bpe` builds a CLIP-style vocabulary + merges from a 
 """
 
 import heapq
+import itertools
 import json
 import os
 import re
@@ -162,8 +163,8 @@ class CLIPTokenizer:
         self.bos_id, self.eos_id, self.pad_id = self.vocab[BOS], self.vocab[EOS], self.vocab[pad_token]
         self.unk_id = self.eos_id
         self.special_ids = {self.vocab[t] for t in self.specials}
-        longest_first = sorted(self.specials, key=len, reverse=True)
-        self._specials_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+        self.added: dict[str, list[int]] = {}  # textual inversion's words -> their ids (set_added)
+        self._split_re = _alternatives(self.specials)
         self.cache = {BOS: [BOS], EOS: [EOS]}  # word -> BPE symbols; the specials are never split
 
     # --- files
@@ -237,9 +238,9 @@ class CLIPTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without bos/eos and without truncation."""
         ids = []
-        for i, part in enumerate(self._specials_re.split(text)):
-            if i % 2:
-                ids.append(self.vocab[part])
+        for i, part in enumerate(self._split_re.split(text)):
+            if i % 2:  # a special token or an added word, as typed
+                ids.extend(self.added[part] if part in self.added else [self.vocab[part]])
                 continue
             for word in pre_tokenize(part):
                 ids.extend(self.vocab.get(s, self.unk_id) for s in self.bpe(word))
@@ -274,14 +275,51 @@ class CLIPTokenizer:
         return torch.tensor([self._wrap(p, self.model_max_length) for p in pieces], dtype=torch.long)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Ids (list or tensor) back to text: bytes reassembled, each "</w>" a space, ends stripped."""
+        """Ids (list or tensor) back to text: bytes reassembled, each "</w>" a space, ends stripped; the ids of
+        an added word give its name once."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        text = "".join(self.decoder[i] for i in ids if not (skip_special_tokens and i in self.special_ids))
-        data = bytes(_byte_decoder()[c] for c in text)
-        return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+        names = {word_ids[0]: name for name, word_ids in self.added.items()}
+        rest = {i for word_ids in self.added.values() for i in word_ids[1:]}
+        kept = [i for i in ids if i not in rest and not (skip_special_tokens and i in self.special_ids)]
+        pieces = []
+        for is_name, run in itertools.groupby(kept, key=lambda i: i in names):
+            if is_name:
+                pieces += [names[i] for i in run]
+            else:
+                data = bytes(_byte_decoder()[c] for c in "".join(self.decoder[i] for i in run))
+                pieces.append(data.decode("utf-8", errors="replace").replace("</w>", " ").strip())
+        return " ".join(pieces)
+
+    # --- added words (textual inversion: model/embeddings.py)
+
+    def set_added(self, counts: dict[str, int]) -> dict[str, list[int]]:
+        """
+        Make each word of `counts` stand for counts[word] new ids, numbered on from the vocabulary
+        (len(vocab), len(vocab) + 1, ...) in the order given, replacing any added before ({} removes them all).
+        Returns word -> its ids. As transformers' added tokens (tokenizer.add_tokens, which diffusers'
+        load_textual_inversion uses, a word of n vectors as the tokens word, word_1, ... word_{n-1}), a word is
+        split out of the text wherever it is typed exactly (case-sensitive, even inside a longer word), before
+        the cleanup, the longest one where several start at the same place. A word of the vocabulary (e.g.
+        "cat", a piece of "category") or a special token cannot be added, as diffusers refuses it.
+        """
+        taken = [w for w in counts if not w or w in self.vocab]
+        if taken:
+            raise ValueError(f"{taken[0]!r} is already a token of the vocabulary (or empty): choose another word")
+        self.added, next_id = {}, len(self.vocab)
+        for word, n in counts.items():
+            self.added[word] = list(range(next_id, next_id + n))
+            next_id += n
+        self._split_re = _alternatives([*self.specials, *self.added])
+        return dict(self.added)
 
     def __len__(self) -> int:
         return len(self.vocab)
+
+
+def _alternatives(words) -> re.Pattern:
+    """A pattern whose split() cuts out each of `words` where it occurs, the longest where several start at the
+    same place (as transformers' Trie.split)."""
+    return re.compile("(" + "|".join(map(re.escape, sorted(words, key=len, reverse=True))) + ")")
 
 
 def has_tokenizer(path) -> bool:

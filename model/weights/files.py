@@ -103,10 +103,11 @@ def _read_safetensors(file):
     return {key: state[key] for key in keys}
 
 
-def read_state_dict(file):
+def read_file(file):
     """
-    All tensors of one weights file as {key: CPU tensor}: .safetensors, or a torch file (.ckpt/.pt/.bin)
-    read with torch.load(weights_only=True) and unwrapped from a {"state_dict": ...} checkpoint.
+    What one weights file holds: {key: CPU tensor} of a .safetensors file, or the object a torch file
+    (.ckpt/.pt/.bin) pickles, read with torch.load(weights_only=True): tensors, dicts, lists, strings and
+    numbers, never anything whose unpickling could run code (WeightsError instead).
     """
     file = Path(file)
     if not file.is_file():
@@ -119,7 +120,7 @@ def read_state_dict(file):
             raise WeightsError(f"{file}: not a readable .safetensors file (truncated or corrupt?): {e}") from e
     if kind == "torch":
         try:
-            obj = torch.load(file, map_location="cpu", weights_only=True)
+            return torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             if "weights only load failed" in str(e).lower():   # torch's long message; keep its reason
                 reason = " ".join(line.strip() for line in str(e).splitlines()[1:]
@@ -129,12 +130,20 @@ def read_state_dict(file):
             raise WeightsError(f"{file}: not a readable checkpoint: {e}") from e
         except Exception as e:
             raise WeightsError(f"{file}: not a readable checkpoint (truncated or corrupt?): {e}") from e
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
-            raise WeightsError(f"{file}: not a checkpoint: expected a dict of tensors (or {{'state_dict': ...}})")
-        return obj
     raise WeightsError(f"{file}: not a checkpoint (neither a .safetensors nor a torch file)")
+
+
+def read_state_dict(file):
+    """
+    All tensors of one weights file as {key: CPU tensor}: .safetensors, or a torch file (.ckpt/.pt/.bin)
+    read with torch.load(weights_only=True) and unwrapped from a {"state_dict": ...} checkpoint.
+    """
+    obj = read_file(file)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        raise WeightsError(f"{file}: not a checkpoint: expected a dict of tensors (or {{'state_dict': ...}})")
+    return obj
 
 
 def read_json(file):
