@@ -23,6 +23,7 @@ EPILOG = """examples:
   sd generate --mode text-to-image --prompt "a large red circle in the center on a blue background"
   sd generate --mode image-to-image --input-image in.png --strength 0.7 --prompt "a blue circle"
   sd inpaint --input-image in.png --mask mask.png --prompt "a yellow square in the top left"
+  sd generate --prompt "a red circle, ink style" --lora ink.safetensors:0.8 --embedding style.pt
   sd convert v1-5-pruned-emaonly.safetensors weights/sd15 --tokenizer ./clip-tokenizer
   sd compile weights/ --sizes 64x64 --batch 1,2,4,8   # the UNet compiled ahead of time, for this machine
   sd train --config configs/tiny.yaml        # retrain the default model (about an hour on 2 cores)
@@ -42,6 +43,7 @@ EXAMPLES = {
   sd generate --prompt "a small green square" --num-images 4 --sampler dpmpp_2m_karras --steps 25
   sd generate --weights path/to/sd15 --device cuda --dtype fp16 --width 512 --height 512 \\
       --prompt "a lighthouse on a cliff at dusk" --negative-prompt "blurry"
+  sd generate --prompt "a red circle, (ink:1.2) style" --lora ink.safetensors:0.8 --embedding style.pt
 
 A progress bar goes to stderr when it is a terminal (--quiet: none); stdout lists the files written
 and their seeds.
@@ -123,7 +125,21 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="the image to start from (image-to-image, inpaint)")
     p.add_argument("--strength", type=float, default=0.75,
                    help="how far to move from the input image, 0 to 1 (default: 0.75)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA (kohya or diffusers/PEFT .safetensors) applied at WEIGHT (default 1); repeatable. "
+                        "Loaded under the file's stem, which <lora:STEM:W> tags in the prompt also name")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual inversion embedding; write the file's stem in the prompt to use it; repeatable")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _lora_arg(value: str) -> tuple[str, float]:
+    """'ink.safetensors:0.8' -> ('ink.safetensors', 0.8); no ':WEIGHT' (or a path with colons) -> weight 1."""
+    file, sep, weight = value.rpartition(":")
+    try:
+        return (file, float(weight)) if sep else (value, 1.0)
+    except ValueError:
+        return value, 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,11 +325,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None and args.seed >= 0 else random.randrange(2**32)
     pipe = StableDiffusion.from_pretrained(args.weights or default_weights(), device=args.device,
                                            dtype=_dtype(args.dtype)).optimize()
+    loras = {}
+    try:
+        for value in args.lora:
+            file, weight = _lora_arg(value)
+            name = pipe.load_lora(file)
+            loras[name] = loras.get(name, 0.0) + weight
+        for file in args.embedding:
+            pipe.load_embedding(file)
+    except ValueError as e:      # (WeightsError / LoRAError: a file that is missing, unsafe or does not fit)
+        print(f"sd {args.command}: {e}", file=sys.stderr)
+        return 2
     progress = StepBar({"text-to-image": "txt2img", "image-to-image": "img2img"}.get(mode, mode),
                        enabled=sys.stderr.isatty() and not args.quiet)
     common = dict(
         negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
-        sampler=args.sampler, seed=seed, num_images=args.num_images, callback=progress,
+        sampler=args.sampler, seed=seed, num_images=args.num_images, callback=progress, loras=loras or None,
     )
     try:
         if mode == "text-to-image":

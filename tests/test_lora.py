@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
+from PIL import Image
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
@@ -188,3 +189,26 @@ def test_an_sdxl_kohya_lora_equals_diffusers(tmp_path):
     print(f"\nSDXL kohya LoRA: max pixel difference to diffusers {diff}/255, "
           f"{np.abs(got - base).mean():.1f} mean from the base image")
     assert diff <= 2 and np.abs(got - base).mean() > 1
+
+
+def test_the_cli_takes_loras_and_embeddings(sd1, tmp_path):
+    """`sd generate --lora FILE:W --embedding FILE` (a subprocess): the image pipe.txt2img gives with
+    loras={stem: W} after load_embedding."""
+    from test_cli import sd
+
+    _, _, folder, files = sd1
+    torch.save({"string_to_param": {"*": torch.randn(2, 64) * 0.5}, "name": "zqstyle", "step": 100},
+               tmp_path / "zqstyle.pt")
+    prompt = "a large red circle, zqstyle"
+    out = sd("generate", "--prompt", prompt, "--steps", 3, "--seed", 4, "--lora", f"{files['ink']}:0.6",
+             "--embedding", tmp_path / "zqstyle.pt", "--weights", folder, "--out", tmp_path / "l.png", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    pipe = StableDiffusion.from_pretrained(folder)
+    pipe.load_lora(files["ink"])
+    pipe.load_embedding(tmp_path / "zqstyle.pt")
+    (want,) = pipe.txt2img(prompt, steps=3, seed=4, sampler="ddim", loras={"ink": 0.6})
+    diff = np.abs(pixels(Image.open(tmp_path / "l.png")) - pixels(want)).max()
+    assert diff <= 1, f"{diff}/255"   # (the CLI turns on the speed levers: within round-off)
+    out = sd("generate", "--prompt", "x", "--lora", tmp_path / "missing.safetensors", "--weights", folder,
+             cwd=tmp_path)
+    assert out.returncode == 2 and "missing.safetensors" in out.stderr
