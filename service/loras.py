@@ -19,8 +19,8 @@ folder (the same image, or one mounted volume):
                 model is only known where the model is, at the worker: the API checks names, not shapes.
 
 Where <lora:...> tags are taken out of the prompt: in StableDiffusion.generate (model/pipeline.py,
-_with_prompt_loras), which the worker hands the prompt unchanged; for_pipeline below does it in the worker
-instead only for a pipeline that does not (delete it once every pipeline does).
+_with_prompt_loras), which the worker hands the prompt unchanged (its PNG records the prompt as written) with the
+loras field as Request.loras.
 """
 
 from __future__ import annotations
@@ -188,7 +188,15 @@ def wanted(params: dict) -> set[str]:
 def check(settings, params: dict) -> None:
     """LoraError (the API answers 422) naming the first LoRA the job names that SD_LORA_DIR does not hold, and
     the close names, or a tag the pipeline would refuse. The negative prompt's tags stay text (the pipeline's
-    rule, as the web UI's), so they are not checked."""
+    rule, as the web UI's), so they are not checked. A prompt or negative prompt whose emphasis syntax the pipeline
+    would refuse (a weight such as (a:1.2.3)) is a 422 too: a bad prompt must not reach a batch."""
+    from model.prompts import parse_attention
+
+    for field in ("prompt", "negative_prompt"):
+        try:
+            parse_attention(params.get(field) or "")
+        except ValueError as e:
+            raise LoraError(f"{field}: {e}") from e
     tags = prompt_loras(params.get("prompt") or "")
     fields = field_loras(params.get("loras"))
     if not tags and not fields:
@@ -217,28 +225,6 @@ def unknown(name: str, names: list[str], folder: Optional[Folder]) -> str:
 
 # -----------------------------------------------------------------------------
 # the worker's side
-
-
-def for_pipeline(pipe, prompt: str, loras_field) -> tuple[str, Optional[dict]]:
-    """The prompt and loras= a job's Request gets. A pipeline that takes <lora:...> tags out of prompts itself
-    (StableDiffusion.generate does) gets the prompt unchanged (its PNG then records the prompt as written);
-    for one that does not, the tags are taken out here and added to loras (a tag adds to a field of its name).
-    TODO: delete the second branch once every pipeline strips tags."""
-    loras = field_loras(loras_field)
-    if _pipeline_strips_tags(pipe):
-        return prompt, loras or None
-    from model.prompts import extract_lora_tags
-
-    text, tags = extract_lora_tags(prompt)
-    for name, weight in tags.items():
-        loras[name] = loras.get(name, 0.0) + weight
-    return text, loras or None
-
-
-def _pipeline_strips_tags(pipe) -> bool:
-    from model.pipeline import StableDiffusion
-
-    return hasattr(StableDiffusion, "_with_prompt_loras")
 
 
 def tensor_bytes(lora) -> int:

@@ -53,7 +53,7 @@ class Settings:
     lora_dir: Optional[str] = None        # LoRA files (*.safetensors, *.pt, *.ckpt), each named by its stem; None:
                                           # no LoRAs (a request naming one gets 422). API and workers see one folder
     lora_cache_mb: int = 1024             # MiB of LoRA tensors a worker keeps loaded (least recently used out)
-    embeddings_dir: Optional[str] = None  # textual-inversion files, listed at /sdapi/v1/embeddings
+    embeddings_dir: Optional[str] = None  # textual-inversion files (name = stem): workers load them all
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -177,9 +177,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, http: bool) -> None:
       "(env SD_LORA_DIR; default: none, no LoRAs)")
     p("--lora-cache-mb", type=int, help="MiB of LoRA tensors a worker keeps loaded, least recently used out (env "
       "SD_LORA_CACHE_MB; default 1024)")
-    if http:
-        p("--embeddings-dir", metavar="DIR", help="folder of textual-inversion embeddings, listed at "
-          "/sdapi/v1/embeddings (env SD_EMBEDDINGS_DIR)")
+    p("--embeddings-dir", metavar="DIR", help="folder of textual-inversion embeddings, each used by its file's stem "
+      "in prompts; workers load them, the API lists them at /sdapi/v1/embeddings (env SD_EMBEDDINGS_DIR)")
     p("--device", help="auto, cpu, cuda, cuda:N (env SD_DEVICE; default auto)")
     p("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="(env SD_DTYPE; default auto: fp16 on cuda)")
     p("--optimize", metavar="LEVERS", help="speed levers: auto, none, or a comma list of prepack, compile, "

@@ -118,6 +118,29 @@ class Worker:
         self.calls = 0  # pipeline calls made: one per batch
         self.model = announcement(pipe)  # what its liveness key says it serves: the API's limits follow it
         self.lora_cache = loras.Cache(pipe, loras.lora_folder(settings), settings.lora_cache_mb * 2**20)
+        self.embeddings: dict[str, tuple] = {}  # name -> (the file's (mtime_ns, size), loaded or not)
+
+    def sync_embeddings(self) -> None:
+        """Load the embeddings folder's files that are new or changed since last time (a name then stands for its
+        vectors in every prompt, as in the web UI); one that does not load is logged and skipped until its file
+        changes. A folder listing (cached on its mtime) a batch when nothing changed."""
+        folder = loras.embeddings_folder(self.settings)
+        if folder is None or not hasattr(self.pipe, "load_embedding"):
+            return
+        for name, file in folder.files().items():
+            try:
+                stat = file.stat()
+            except OSError:
+                continue
+            version = (stat.st_mtime_ns, stat.st_size)
+            if self.embeddings.get(name, (None,))[0] == version:
+                continue
+            try:
+                self.pipe.load_embedding(file, name)
+                self.embeddings[name] = (version, True)
+            except ValueError as e:   # not an embedding, the wrong width, a pickle that would run code
+                log.warning("embedding %s skipped: %s", file, e)
+                self.embeddings[name] = (version, False)
 
     def run(self, stop: threading.Event) -> None:
         """Work until `stop` is set; then finish the running batch and release the rest. While the queue
@@ -205,6 +228,7 @@ class Worker:
     def run_batch(self, jobs: list) -> None:
         from model import Cancelled
 
+        self.sync_embeddings()
         jobs = self.with_loras(jobs)
         if not jobs:
             return
@@ -247,8 +271,8 @@ class Worker:
             image = _open_image(job.inputs["image"], "image") if "image" in job.inputs else None
             mask = _open_image(job.inputs["mask"], "mask") if "mask" in job.inputs else None
             micro = {k: tuple(p[k]) for k in MICRO_CONDITIONING if p.get(k) is not None}  # (SDXL's; JSON lists)
-            prompt, job_loras = loras.for_pipeline(self.pipe, p["prompt"], p.get("loras"))  # (tags: see there)
-            requests.append(Request(prompt, p["negative_prompt"], p["seed"], p["guidance_scale"],
+            job_loras = loras.field_loras(p.get("loras")) or None   # (the prompt's tags: the pipeline's)
+            requests.append(Request(p["prompt"], p["negative_prompt"], p["seed"], p["guidance_scale"],
                                     p["num_images"], image=image, mask=mask, loras=job_loras, **micro))
         step_times: list[float] = []
         last = [time.monotonic()]  # the previous step's end

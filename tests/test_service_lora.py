@@ -126,7 +126,7 @@ def png_of(image: Image.Image) -> bytes:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, tiny_weights):
     """The LoRA folder (ink: UNet + text encoder, paper: UNet only, wide: ink for a model twice as wide, evil: a
-    pickle that runs code, notes.txt: not a LoRA file) and an embeddings folder."""
+    pickle that runs code, notes.txt: not a LoRA file) and an embeddings folder (style: a web UI embedding)."""
     root = tmp_path_factory.mktemp("service_lora")
     shapes = StableDiffusion.from_pretrained(tiny_weights)
     lora_dir, embeddings = root / "loras", root / "embeddings"
@@ -137,7 +137,9 @@ def folders(tmp_path_factory, tiny_weights):
     save_file(wide, str(lora_dir / "wide.safetensors"))
     torch.save({"lora_unet_x.lora_down.weight": RunsCode(root / "PWNED")}, lora_dir / "evil.pt")
     (lora_dir / "notes.txt").write_text("not a LoRA")
-    (embeddings / "style.pt").write_bytes(b"")
+    width = shapes.text_encoder.config.hidden_size    # the web UI's .pt: two vectors for the word "style"
+    torch.save({"string_to_param": {"*": torch.randn(2, width, generator=torch.Generator().manual_seed(9))},
+                "name": "style", "step": 500}, embeddings / "style.pt")
     (embeddings / "readme.md").write_text("not an embedding")
     return lora_dir, embeddings, root / "PWNED"
 
@@ -341,6 +343,11 @@ def test_unknown_names_are_422_naming_them_and_close_names(service):
     assert r.status_code == 422 and "weight of LoRA 'ink' must be a number in [-10, 10]" in r.json()["detail"]
     r = service.post("/txt2img", json={"prompt": f"<lora:ink:1:0.5> {PROMPT}", **FIELDS})
     assert r.status_code == 422 and "separate text-encoder" in r.json()["detail"]
+    # prompt syntax the pipeline would refuse, in either prompt
+    r = service.post("/txt2img", json={"prompt": "a (red:1.2.3) circle", **FIELDS})
+    assert r.status_code == 422 and r.json()["detail"].startswith("prompt: bad weight '1.2.3'")
+    r = service.post("/sdapi/v1/txt2img", json={"prompt": "x", "negative_prompt": "(dull:1..5)", "steps": 3})
+    assert r.status_code == 422 and r.json()["detail"].startswith("negative_prompt: bad weight")
     # the negative prompt's tags are text (the pipeline's rule), not checked
     r = service.post("/txt2img", json={"prompt": PROMPT, "negative_prompt": "<lora:nope:1>", **FIELDS})
     assert r.status_code == 200
@@ -394,9 +401,16 @@ def test_cache_loads_on_first_use_keeps_the_budget_and_reloads_changed_files(tin
         cache.ensure({"pape"})
 
 
-def test_for_pipeline_takes_tags_out_only_for_a_pipeline_that_does_not(monkeypatch):
-    fields = [{"name": "ink", "scale": 0.5}]
-    assert loras.for_pipeline(None, "<lora:ink:0.3> a", fields) == ("<lora:ink:0.3> a", {"ink": 0.5})
-    monkeypatch.setattr(loras, "_pipeline_strips_tags", lambda pipe: False)
-    assert loras.for_pipeline(None, "<lora:ink:0.3> a", fields) == (" a", {"ink": 0.8})
-    assert loras.for_pipeline(None, "a", []) == ("a", None)
+def test_an_embedding_of_the_folder_in_a_prompt(service, tiny_weights, folders):
+    """The worker loads the embeddings folder: its names stand for their vectors in any face's prompt."""
+    want = StableDiffusion.from_pretrained(tiny_weights)
+    want.load_embedding(folders[1] / "style.pt")
+    prompt = f"{PROMPT}, style"
+    r = service.post("/txt2img", json={"prompt": prompt, **FIELDS})
+    assert r.status_code == 200, r.text
+    assert np.array_equal(pixels(r.content), alone(want, prompt))
+    plain = StableDiffusion.from_pretrained(tiny_weights)                   # without it, "style" is a word
+    assert not np.array_equal(pixels(r.content), alone(plain, prompt))
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=service.port)
+    r = api.txt2img(prompt=prompt, seed=5, steps=3, cfg_scale=7.5, width=16, height=16, sampler_name="DDIM")
+    assert np.array_equal(pixels(r.image), alone(want, prompt))
