@@ -63,6 +63,23 @@ class Delta:
             return F.linear(F.linear(x, self.down), self.up) * self.scale
         return F.conv2d(F.conv2d(x, self.down, **self.conv), self.up) * self.scale
 
+    def add_to(self, output: torch.Tensor, x: torch.Tensor, weight: float) -> torch.Tensor:
+        """output += weight * B (A x) * scale, in place where it can: the second matmul accumulates straight into
+        the layer's output (one pass over it, no term of its size), as the base layer's own GEMM would."""
+        alpha = weight * self.scale
+        if not output.is_contiguous():                                       # (channels_last outputs)
+            return output + self(x) * weight
+        if self.conv is None:
+            out2 = output.view(-1, output.shape[-1])                          # [M, out]
+            out2.addmm_(F.linear(x.reshape(-1, x.shape[-1]), self.down), self.up.t(), alpha=alpha)
+        elif self.pointwise:
+            B, C = x.shape[:2]
+            h = torch.matmul(self.down.flatten(1), x.reshape(B, C, -1))       # [B, r, H*W]
+            output.view(B, output.shape[1], -1).add_(torch.matmul(self.up.flatten(1), h), alpha=alpha)
+        else:
+            output.add_(F.conv2d(F.conv2d(x, self.down, **self.conv), self.up), alpha=alpha)
+        return output
+
 
 @dataclass
 class LoRA:
@@ -262,10 +279,10 @@ class _Batch:
     layer, once a block (the sampling loop's steps share it):
 
       every row the same adapters   each adds B (A x) w_a s_a on the whole batch: no gathering
-      rows that differ              a linear (or 1x1 conv) layer stacks each row's adapters along the rank,
-                                    A [B, in, R] and B [B, R, out] (weights and scales folded in, zeros where a
-                                    row has fewer), and adds two batched matmuls; another conv layer adds each
-                                    adapter's term to its rows (index_add)
+      rows that differ              a linear (or 1x1 conv) layer stacks each row's adapters along the rank
+                                    (weights and scales folded in, zeros where a row has fewer) and adds two
+                                    batched matmuls, the second accumulating into the output; another conv
+                                    layer adds each adapter's term to its rows (index_add)
     """
 
     def __init__(self, loras: dict, component: str, per_row: list, device):
@@ -284,32 +301,36 @@ class _Batch:
             for name, weight in self.uniform.items():
                 delta = self.loras[name].deltas.get(path)
                 if delta is not None:
-                    output = output + (delta(x.to(delta.down.dtype)) * weight).to(output.dtype)
+                    output = delta.add_to(output, x.to(delta.down.dtype), weight)
             return output
         some_delta = next((self.loras[n].deltas[path] for r in self.sets for n in r
                            if path in self.loras[n].deltas), None)
         if some_delta is None:
             return output
-        if some_delta.conv is None or some_delta.pointwise:
-            stacked = self._stacked.get(path) or self._stacked.setdefault(path, self._stack(path))
-            At, Bt = stacked                                                 # [B, in, R], [B, R, out]
-            if some_delta.conv is None:
-                h = x.to(At.dtype).reshape(x.shape[0], -1, x.shape[-1])     # [B, N, in]
-            else:                                                            # a 1x1 conv: a linear on each pixel
-                h = x.to(At.dtype).flatten(2).transpose(1, 2)                # [B, H*W, in]
-            term = torch.bmm(torch.bmm(h, At), Bt)                           # [B, N, out]
-            if some_delta.conv is not None:
-                term = term.transpose(1, 2)                                  # [B, out, H*W]
-            return output + term.reshape(output.shape).to(output.dtype)
+        if (some_delta.conv is None or some_delta.pointwise) and output.is_contiguous():
+            linear = some_delta.conv is None
+            if path not in self._stacked:
+                self._stacked[path] = self._stack(path, linear)
+            first, second = self._stacked[path]
+            B = x.shape[0]
+            if linear:   # [B, N, in] @ [B, in, R] -> [B, N, R]; output [B, N, out] += that @ [B, R, out]
+                h = torch.bmm(x.to(first.dtype).reshape(B, -1, x.shape[-1]), first)
+                output.view(B, -1, output.shape[-1]).baddbmm_(h, second)
+            else:        # a 1x1 conv: [B, R, in] @ [B, in, H*W]; output [B, out, H*W] += [B, out, R] @ that
+                h = torch.bmm(first, x.to(first.dtype).reshape(B, x.shape[1], -1))
+                output.view(B, output.shape[1], -1).baddbmm_(second, h)
+            return output
         for name, (rows, weights) in self._adapter_rows().items():
             delta = self.loras[name].deltas.get(path)
             if delta is not None:
-                term = delta(x[rows].to(delta.down.dtype))                  # [k, out, h, w]
-                term = term * weights.to(term.dtype).view(-1, 1, 1, 1)
+                term = delta(x[rows].to(delta.down.dtype))                  # [k, out, ...]
+                term = term * weights.to(term.dtype).view(-1, *[1] * (term.ndim - 1))
                 output = output.index_add(0, rows, term.to(output.dtype))
         return output
 
-    def _stack(self, path: str):
+    def _stack(self, path: str, linear: bool):
+        """The layer's per-row matrices: (A^T [B, in, R], B^T [B, R, out]) for a linear layer, (A [B, R, in],
+        B [B, out, R]) for a 1x1 conv (whose channels come first), contiguous for the batched matmuls."""
         parts = [[(self.loras[n].deltas[path], w) for n, w in r.items() if path in self.loras[n].deltas]
                  for r in self.sets]
         d0 = next(d for row in parts for d, _ in row)
@@ -323,6 +344,8 @@ class _Batch:
                 A[i, at:at + r] = d.down.reshape(r, -1)                   # (a 1x1 conv's [r, in, 1, 1] too)
                 B[i, :, at:at + r] = d.up.reshape(-1, r) * (d.scale * w)
                 at += r
+        if not linear:
+            return A, B
         return A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()   # [B, in, R], [B, R, out]
 
     def _adapter_rows(self) -> dict:
