@@ -7,7 +7,8 @@ What LoRAs cost here (issue 16), two numbers, each measured side by side in one 
   mixed   32 requests from 16 clients over 8 different LoRAs (rank 8, the default model, its native size):
           images/s when the batches take requests as they come, whatever their LoRA (what model/lora.py allows),
           vs one LoRA set per batch (what servers that merge a LoRA into the weights must do). Batches of at most
-          --max-batch (8, the worker's default). Target: >= 1.8x.
+          --max-batch (8, the worker's default). Target: >= 1.8x. Beside it, the same two batch plans without
+          LoRAs: what batching itself gains on this machine, the most the mixed batches can gain.
 
     .venv/bin/python bench/lora.py [--sizes 32 64] [--repeats 3] [--steps 20] [--skip step|mixed]
 """
@@ -103,21 +104,27 @@ def bench_mixed(repeats, steps, max_batch, tmp):
         by_set.setdefault(tuple(r.loras), []).append(r)
     per_set = [group[i:i + max_batch] for group in by_set.values() for i in range(0, len(group), max_batch)]
 
-    def run(batches):
+    def run(batches, loras=True):
         for batch in batches:
+            if not loras:
+                batch = [Request(r.prompt, seed=r.seed) for r in batch]
             pipe.generate(batch, steps=steps, sampler="euler")
 
     pipe.warm_up()
     run(mixed[:1]), run(per_set[:1])                                # the batch shapes measured once
-    a, b = [], []
+    a, b, c, d = [], [], [], []
     for _ in range(repeats):
         a.append(timed(lambda: run(mixed)))
         b.append(timed(lambda: run(per_set)))
-    ma, mb = statistics.median(a), statistics.median(b)
+        c.append(timed(lambda: run(mixed, loras=False)))
+        d.append(timed(lambda: run(per_set, loras=False)))
+    ma, mb, mc, md = (statistics.median(t) for t in (a, b, c, d))
     n = len(requests)
     print(f"32 requests over 8 LoRAs, {steps} euler steps at {pipe.native_size} px, batches of <= {max_batch}:")
     print(f"  mixed batches ({len(mixed)} of {max_batch}): {n / ma:.2f} images/s; one LoRA set per batch "
           f"({len(per_set)} of {len(per_set[0])}): {n / mb:.2f} images/s: {mb / ma:.2f}x (target >= 1.8)")
+    print(f"  the same batch plans without LoRAs: {n / mc:.2f} vs {n / md:.2f} images/s: {md / mc:.2f}x "
+          f"(what batching gains here); mixed batches keep {(mb / ma) / (md / mc):.0%} of it")
 
 
 def main():
