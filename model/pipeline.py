@@ -16,6 +16,8 @@ One generation, start to end:
     for each step:  eps = UNet(x, t, context)  with classifier-free guidance
                     eps = eps_uncond + g * (eps_cond - eps_uncond)
                     x   = sampler step (model/samplers.py)
+                    (on_latents: the step's denoised estimate x0_hat [B, C, h, w] to the caller, for
+                     live previews: model/preview.py's linear latent -> RGB map, pipe.preview_images)
     latents --VAE dec--> images
 
 `generate` is the batched entry point the service worker uses: several requests
@@ -44,6 +46,7 @@ from .conditioning import Encoded, TextConditioner
 from .prompts import CHUNK_LENGTH, extract_lora_tags
 from .pnginfo import infotext
 from .lora import Adapters
+from .preview import LatentPreview
 from .weights import Components, load
 
 MODES = ("txt2img", "img2img", "inpaint")
@@ -184,6 +187,7 @@ class StableDiffusion:
         self._text_cache: OrderedDict[tuple, Encoded] = OrderedDict()
         self.adapters = Adapters({"unet": self.unet, "text_encoder": self.text_encoder,
                                   "text_encoder_2": self.text_encoder_2})
+        self._preview: LatentPreview | None = None  # fitted on first use of `preview`
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, tokenizer=None) -> "StableDiffusion":
@@ -340,6 +344,20 @@ class StableDiffusion:
         x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae_dtype))
         return x.float().clamp(-1, 1)
 
+    @property
+    def preview(self) -> LatentPreview:
+        """The cheap linear latent -> RGB map of this model's VAE (model/preview.py), fitted on first use (a few
+        small images through the encoder: ~50 ms for the default model, ~1 s for SD 1.5 on a CPU) and kept."""
+        if self._preview is None:
+            with torch.inference_mode():
+                self._preview = LatentPreview.fit(self.vae)
+        return self._preview
+
+    def preview_images(self, latents: torch.Tensor, size: Optional[tuple[int, int]] = None) -> list[Image.Image]:
+        """Scaled latents [B, C, h, w] (on_latents' x0_hat) -> B rough PIL previews of w x h, no VAE decode;
+        size=(width, height) resizes them (bilinear), e.g. to the job's size or a smaller one of its aspect ratio."""
+        return self.preview.to_images(latents, size)
+
     # --- the public calls ---------------------------------------------------
 
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 30, guidance_scale: float = 7.5,
@@ -383,11 +401,22 @@ class StableDiffusion:
 
     def generate(self, requests: Sequence[Request], *, mode: str = "txt2img", steps: int = 30, sampler: str = "ddim",
                  width: Optional[int] = None, height: Optional[int] = None, strength: Optional[float] = None,
-                 eta: float = 0.0, callback: Optional[Callable[[int, int], None]] = None) -> list[list[Image.Image]]:
+                 eta: float = 0.0, callback: Optional[Callable[[int, int], None]] = None,
+                 on_latents: Optional[Callable[[int, int, torch.Tensor], None]] = None) -> list[list[Image.Image]]:
         """Run requests that share mode, size, steps, sampler and strength as one batch.
-        Returns one list of images per request. callback(step, total) may raise Cancelled."""
+        Returns one list of images per request. callback(step, total) may raise Cancelled.
+        on_latents(step, total, x0), for live previews, is called after each step (after callback, with the same
+        step, total) with x0 [B, C, h, w], float32: the step's denoised estimate x0_hat (what the sampler's
+        denoiser returned, before the sampler steps on; a clearer preview than the noisy state), in the scaled
+        latent space of encode_images / decode_latents (pipe.preview_images(x0) turns it into rough images).
+        Rows: B = sum of num_images, request by request in the order given, each request's images in a row
+        (requests [a (2 images), b (1)] -> rows [a0, a1, b0]); guidance's unconditional rows are not in it.
+        Inpainting with a 4-channel UNet: the known region is the input's latents, as in the final image.
+        Read-only (clone it to change it). None (the default): nothing extra is done. No steps (strength 0):
+        never called. It may raise Cancelled too; it is called every step, so it decides how often to preview."""
         _check(mode in MODES, f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         _check(len(requests) > 0, "requests must not be empty")
+        _check(on_latents is None or callable(on_latents), "on_latents must be callable or None")
         for r in requests:
             _check_request(r, mode)
             _check(r.loras is None or isinstance(r.loras, dict),
@@ -417,7 +446,7 @@ class StableDiffusion:
                f"width and height must be multiples of {self.latent_factor} for this model")
 
         with torch.inference_mode():
-            images = self._generate(runs, mode, steps, sampler, width, height, strength, eta, callback)
+            images = self._generate(runs, mode, steps, sampler, width, height, strength, eta, callback, on_latents)
 
         out, k = [], 0
         for r, run in zip(requests, runs):
@@ -471,7 +500,8 @@ class StableDiffusion:
         time_ids = torch.tensor(rows, dtype=self.dtype, device=self.device)                  # [B' + B, 6]
         return {"text_embeds": text_embeds, "time_ids": time_ids}
 
-    def _generate(self, requests, mode, steps, sampler, width, height, strength, eta, callback) -> torch.Tensor:
+    def _generate(self, requests, mode, steps, sampler, width, height, strength, eta, callback,
+                  on_latents=None) -> torch.Tensor:
         f, C = self.latent_factor, self.vae.config.latent_channels
         shape = (C, height // f, width // f)
         counts = [r.num_images for r in requests]
@@ -590,6 +620,13 @@ class StableDiffusion:
             def between_steps(x, i):  # keep the known region on the original image, noised to step i
                 return masks * x + (1 - masks) * samplers.add_noise(plan, x0, n0, step=i)
 
+        if on_latents is not None:   # hand each step's x0_hat to on_latents, after callback
+            known = None
+            if mode == "inpaint" and not self.is_inpainting_model:
+                def known(x0_hat):
+                    return masks * x0_hat + (1 - masks) * x0
+            denoise, callback = _watched(denoise, callback, on_latents, known)
+
         if plan.steps:
             # every UNet row (unconditional ones first, as denoise lays them out) with its image's LoRAs, for all steps
             with self.adapters.active("unet", guided_loras + image_loras):
@@ -604,3 +641,21 @@ class StableDiffusion:
         if mode == "inpaint":  # every pixel outside the mask is the input's own
             images = pixel_masks * images + (1 - pixel_masks) * pixels.to(self.device)
         return images
+
+
+def _watched(denoise, callback, on_latents, known=None):
+    """(denoise, callback) for samplers.run that also hand each step's x0_hat to on_latents(step, total, x0_hat):
+    denoise keeps its last answer, and the step's callback passes it on (through known(x0_hat) where given)."""
+    last = []
+
+    def watched_denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+        x0_hat = denoise(x, i)
+        last[:] = [x0_hat]
+        return x0_hat
+
+    def watched_callback(step: int, total: int) -> None:
+        if callback is not None:
+            callback(step, total)
+        on_latents(step, total, last[0] if known is None else known(last[0]))
+
+    return watched_denoise, watched_callback
