@@ -12,6 +12,8 @@ common, so tools that read that chunk (and people) can make the image again:
 from __future__ import annotations
 
 import io
+import json
+import re
 
 from PIL import Image, PngImagePlugin
 
@@ -71,3 +73,38 @@ def read_parameters(data: bytes | str) -> str | None:
     src = io.BytesIO(data) if isinstance(data, bytes) else data
     with Image.open(src) as img:
         return img.text.get("parameters") if hasattr(img, "text") else None
+
+
+_FIELD = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict:
+    """A `parameters` chunk (this project's or the web UI's) as a dict: "Prompt", "Negative prompt", and each
+    "Label: value" of its last line (quoted values unquoted; numbers stay text, as the web UI's reader keeps
+    them where it does not know the label). Lines before "Negative prompt:" are the prompt; a last line with
+    fewer than three fields is part of the text, not settings."""
+    lines = text.strip().split("\n")
+    fields: dict = {}
+    last = lines[-1] if lines else ""
+    found = list(_FIELD.finditer(last))
+    if len(found) >= 3 and "".join(m.group(0) for m in found).strip() == last.strip():
+        lines = lines[:-1]
+        for m in found:
+            value = m.group(2).strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = json.loads(value) if _is_json_string(value) else value[1:-1]
+            fields[m.group(1).strip()] = value
+    prompt, negative, into_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            into_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if into_negative else prompt).append(line)
+    return {"Prompt": "\n".join(prompt).strip(), "Negative prompt": "\n".join(negative).strip(), **fields}
+
+
+def _is_json_string(value: str) -> bool:
+    try:
+        return isinstance(json.loads(value), str)
+    except ValueError:
+        return False

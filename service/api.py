@@ -32,6 +32,8 @@ from .errors import RETRY_AFTER, clear_detail, error_message, field_rules
 from .faces import a1111, native, openai
 from .jobs import Config, Queue
 from .models import Served
+from .options import Options
+from .registry import Registry
 from .queue import QueueUnavailable, make_queue
 from .settings import Settings
 
@@ -161,6 +163,7 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
     settings = settings or Settings.from_env()
     run_worker = (not settings.redis_url) if worker is None else worker
     rules = field_rules(*schemas.request_models(settings).values())
+    registry = Registry.from_settings(settings)  # the models jobs may name (the workers hold the same list)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -172,7 +175,8 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
 
             def work():  # the model loads here, so /healthz answers at once and /readyz once it is loaded
                 try:
-                    w = Worker(pipe or load_pipeline(settings), app.state.queue, settings, name=f"api-{id(app):x}")
+                    w = Worker(pipe or load_pipeline(settings), app.state.queue, settings, name=f"api-{id(app):x}",
+                               registry=registry)
                 except Exception:  # noqa: BLE001
                     log.exception("the in-process worker could not load the model")
                     return
@@ -186,6 +190,7 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
             stop.set()
             await asyncio.to_thread(thread.join, 600)
         await app.state.queue.aclose()
+        await app.state.options.aclose()
 
     app = FastAPI(title="Stable Diffusion from scratch", version="0.1.0", lifespan=lifespan,
                   description="txt2img, img2img and inpainting on a batching GPU worker. Errors are "
@@ -193,6 +198,8 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
                               "that makes jobs takes an `Idempotency-Key` header: a retry with the same key (and "
                               "the same request) gets the job the first send made, never a second one.")
     app.state.settings = settings
+    app.state.registry = registry
+    app.state.options = Options(settings)  # the web UI's server-wide options (Redis when there is one)
     app.state.requests = collections.Counter()
     app.state.worker = None
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
@@ -223,7 +230,7 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
 
     @app.get("/readyz", response_model=schemas.Ready, responses={503: {"model": schemas.Ready}},
              summary="Readiness: the queue answers and a worker with a loaded model reported in")
-    async def readyz(queue: Queue, settings: Config):
+    async def readyz(request: Request, queue: Queue, settings: Config):
         kind = "redis" if settings.redis_url else "memory"
         try:
             await queue.ping()
@@ -232,15 +239,17 @@ def create_app(settings: Optional[Settings] = None, *, queue=None, pipe=None, wo
             body = schemas.Ready(status="not ready", queue=kind, workers=0, queue_depth=0, reason=str(e))
             return JSONResponse(body.model_dump(), 503, headers={"Retry-After": RETRY_AFTER})
         ready = workers > 0
+        models = await request.app.state.served.per_model(request.app.state.registry.names())
         body = schemas.Ready(status="ready" if ready else "not ready", queue=kind, workers=workers, queue_depth=depth,
-                             reason=None if ready else "no worker has loaded the model yet")
+                             models=models, reason=None if ready else "no worker has loaded the model yet")
         return JSONResponse(body.model_dump(), 200 if ready else 503,
                             headers={} if ready else {"Retry-After": RETRY_AFTER})
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics (text format 0.0.4)")
     async def metrics_page(request: Request, queue: Queue):
+        models = await request.app.state.served.per_model(request.app.state.registry.names())
         text = metrics.render(await queue.stats(), dict(request.app.state.requests), await queue.depth(),
-                              await queue.workers())
+                              await queue.workers(), models)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

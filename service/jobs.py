@@ -15,6 +15,7 @@ from fastapi import Depends, HTTPException, Request
 from . import loras, schemas
 from .errors import RETRY_AFTER, shown
 from .queue import ENDED, Idempotency, IdempotencyConflict, Job, JobState, QueueFull, QueueUnavailable, new_job_id
+from .registry import UnknownModel
 from .settings import Settings
 
 log = logging.getLogger("sd.api")
@@ -80,11 +81,30 @@ def idempotency_of(request: Request, params: dict, inputs: dict) -> Optional[Ide
     return Idempotency(key, h.hexdigest())
 
 
-async def submit(queue, settings: Settings, mode: str, params: dict, inputs: dict,
-                 owner: Optional[str] = None, idempotency: Optional[Idempotency] = None) -> JobState:
-    """Queue a job; `owner` (owner_of(request)) is the only key that may see it later. With `idempotency`
-    (idempotency_of(request, ...)), a retry of a request gets back the job it made. Every face's jobs pass
-    here: a LoRA the job names (prompt tags, the loras field) that the LoRA folder lacks is a 422 (loras.check)."""
+async def choose_model(request: Request, wanted: Optional[str]) -> str:
+    """The registry name of the model a request asks for (None: the default model). 422 for a name the registry
+    lacks, listing those it has; 503 with Retry-After when workers are live but none takes jobs of the model
+    (while no worker has announced itself, as when the service starts, jobs wait for one)."""
+    registry = request.app.state.registry
+    try:
+        name = registry.find(wanted).name
+    except UnknownModel as e:
+        raise HTTPException(422, f"model: {e}; GET /sdapi/v1/sd-models or /v1/models lists them")
+    served = request.app.state.served
+    if await served.models() and not await served.workers_for(name):
+        raise HTTPException(503, f"model {name!r} is served by no live worker now (start one with "
+                                 f"SD_WORKER_MODELS={name}, or *); retry later", headers={"Retry-After": RETRY_AFTER})
+    return name
+
+
+async def submit(request: Request, mode: str, params: dict, inputs: dict,
+                 idempotency: Optional[Idempotency] = None) -> JobState:
+    """Queue a job of the request's API key (owner_of(request): the only key that may see it later) on the model
+    its params name (choose_model). With `idempotency` (idempotency_of(request, ...)), a retry of a request gets
+    back the job it made. Every face's jobs pass here: a LoRA the job names (prompt tags, the loras field) that
+    the LoRA folder lacks is a 422 (loras.check)."""
+    queue, settings, owner = get_queue(request), get_settings(request), owner_of(request)
+    params = {**params, "model": await choose_model(request, params.get("model"))}
     try:
         loras.check(settings, params)
     except loras.LoraError as e:

@@ -48,7 +48,7 @@ def _num(v: float) -> str:
 
 
 def render(stats: dict[str, float], requests: dict[tuple[str, str, int], int], queue_depth: int,
-           workers: int) -> str:
+           workers: int, models: dict[str, dict] | None = None) -> str:
     """The /metrics page: request counts, queue gauges, then the workers' histograms and counters."""
     lines = ["# HELP sd_http_requests_total HTTP requests answered, by method, route and status.",
              "# TYPE sd_http_requests_total counter"]
@@ -58,6 +58,13 @@ def render(stats: dict[str, float], requests: dict[tuple[str, str, int], int], q
               f"sd_queue_depth {queue_depth}",
               "# HELP sd_workers Workers that reported in recently.", "# TYPE sd_workers gauge",
               f"sd_workers {workers}"]
+    if models:
+        lines += ["# HELP sd_model_workers Live workers taking a model's jobs, and those holding it loaded.",
+                  "# TYPE sd_model_workers gauge"]
+        for name, counts in sorted(models.items()):
+            label = name.replace("\\", "\\\\").replace('"', '\\"')
+            lines += [f'sd_model_workers{{model="{label}",state="{state}"}} {counts[state]}'
+                      for state in ("workers", "loaded")]
     for name, (help_, bounds) in HISTOGRAMS.items():
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
         for b in (*bounds, float("inf")):  # buckets in order, zeros included, as Prometheus expects

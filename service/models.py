@@ -6,7 +6,8 @@ says it once its model is loaded; with Redis, workers started before or after th
 the API already reads to count them. The API process never loads a model, yet a request is checked
 against the limits of the model that will run it: Settings.max_pixels_for(model.native_size). Until a
 worker has said anything, the model is None and the limits are SD 1.x's (the service's defaults).
-(One model a service today; when jobs name their model, the announcements say which worker has which.)
+Each announcement also says which models the worker takes jobs of (`serves`, "*": any) and which it has
+loaded: `workers_for(name)` is how many live workers would run a job of that model (the API's 503 when none).
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ CACHE_S = 1.0  # seconds the API keeps what the workers announced: one Redis rea
 
 @dataclass(frozen=True)
 class Model:
-    name: Optional[str]   # the pipeline's name (its weights' file or folder name)
+    """What one live worker announced."""
+    name: Optional[str]   # the pipeline's name (its weights' file or folder name) it ran last
     native_size: int      # the image side it was trained at: 512 SD 1.x, 768 SD 2.x, 1024 SDXL
+    serves: tuple = ("*",)   # the registry names it takes jobs of ("*": any)
+    loaded: tuple = ()       # ((name, native size), ...) of the models in its memory
+
+    def takes(self, model: str) -> bool:
+        return "*" in self.serves or model in self.serves
 
 
 def announcement(pipe) -> dict:
@@ -48,8 +55,9 @@ class Served:
             announced = await self.queue.models()
         except QueueUnavailable:  # the last known ones; the request's submit answers the 503
             return self._known
-        self._known = [Model(m.get("model"), m["native_size"]) for m in announced
-                       if isinstance(m.get("native_size"), int) and m["native_size"] > 0]
+        self._known = [Model(m.get("model"), m["native_size"], tuple(m.get("serves") or ("*",)),
+                             tuple(sorted((m.get("loaded") or {}).items())))
+                       for m in announced if isinstance(m.get("native_size"), int) and m["native_size"] > 0]
         self._read_at = time.monotonic()
         return self._known
 
@@ -59,3 +67,13 @@ class Served:
         its limits are the ones every worker can be held to."""
         models = await self.models()
         return min(models, key=lambda m: m.native_size) if models else None
+
+    async def workers_for(self, model: str) -> int:
+        """How many live workers take jobs of `model`."""
+        return sum(1 for m in await self.models() if m.takes(model))
+
+    async def per_model(self, names: list[str]) -> dict[str, dict]:
+        """name -> {"workers": live workers that take its jobs, "loaded": workers that hold it in memory}."""
+        models = await self.models()
+        return {n: {"workers": sum(1 for m in models if m.takes(n)),
+                    "loaded": sum(1 for m in models if n in dict(m.loaded))} for n in names}

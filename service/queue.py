@@ -3,12 +3,18 @@
 A job moves   queued -> running -> done | failed | cancelled   (running -> queued again when
 it is retried or its worker lets it go). Both queues have the same two faces:
 
-  the API's (async):   submit, state, wait, result, cancel, depth, workers, models, stats, ping
-  a worker's (sync):   take, progress, finish, fail, cancelled, release, abandon, keep_alive, record
+  the API's (async):   submit, state, wait, result, cancel, depth, workers, models, stats, ping, watch, preview
+  a worker's (sync):   take, progress, finish, fail, cancelled, release, abandon, keep_alive, record, watched,
+                       store_preview
 
-Fairness: every job belongs to a lane, its API key's (owner digest; "-" without keys). Workers take
-round-robin across the lanes that have waiting jobs, one job a lane a turn, so one key's backlog delays
-another key's job by at most about one batch; a lane may hold at most `lane_limit` jobs (QueueFull).
+Previews: an API that wants a job's live preview calls watch(id) (the job is watched for WATCH_S s) and reads
+preview(id); a worker asks watched(jobs) every few steps and makes previews only of those (store_preview):
+nobody watching, no preview work.
+
+Fairness and routing: every job belongs to a lane, its model's and its API key's (owner digest; "-" without
+keys). A worker reads only the lanes of the models it serves (take's `models`), round-robin across those that
+have waiting jobs, one job a lane a turn, so one key's backlog delays another key's job by at most about one
+batch; one key may hold at most `lane_limit` jobs over all models (QueueFull).
 
 Idempotency: a submit may carry (key, fingerprint). The same key in the same lane within the result TTL
 gives back the job it made first (nothing new is queued); the same key with another fingerprint raises
@@ -17,11 +23,14 @@ IdempotencyConflict.
 RedisQueue keys (prefix "sd" by default; standalone Redis >= 7.0, not Cluster: scripts name keys
 they build from the prefix):
 
-  sd:jobs:{lane}          stream of a lane's jobs, consumer group "workers"; one entry {id} per run of a
-                          job, deleted (XACK + XDEL) when the run ends; the stream is deleted when empty
+  sd:jobs:{model}/{key}   stream of a lane's jobs (a lane: one model and one API key), consumer group "workers";
+                          one entry {id} per run of a job, deleted (XACK + XDEL) when the run ends; the stream
+                          is deleted when empty
   sd:lanes                set: the lanes whose stream exists
-  sd:ready                list: lanes that may hold entries no worker has read yet, in round-robin order
-  sd:bell                 list: a token per job queued; an idle worker BLPOPs it (woken, not polling)
+  sd:models               set: the models that ever had a lane (what a worker serving any model reads)
+  sd:ready:{model}        list: the model's lanes that may hold entries no worker has read yet, round-robin order
+  sd:bell:{model}, sd:bell  lists: a token per job queued (in its model's and in the any-model bell); an idle
+                          worker BLPOPs the bells of its models (woken, not polling)
   sd:job:{id}             hash: status, mode, params (JSON), step, total, error, attempts, worker, times
   sd:input:{id}:{name}    an uploaded image or mask, as sent
   sd:result:{id}:{n}      result PNG n
@@ -30,6 +39,8 @@ they build from the prefix):
   sd:worker:{name}        a worker's liveness key: a few seconds' TTL, refreshed by a thread of its own; its
                           value is JSON, the model the worker serves ({"model", "native_size"}: models())
   sd:stats                hash of metric samples the workers add to (service/metrics.py)
+  sd:watch:{id}           "1" while someone wants the job's preview (WATCH_S TTL)
+  sd:preview:{id}         the job's latest preview PNG (PREVIEW_TTL)
 
 Liveness: a worker's keep-alive thread (service/worker.py) refreshes its liveness key and the claims
 (XCLAIM) of the entries it is running about once a second, however long a step takes. Before it reads
@@ -59,6 +70,8 @@ GATHER_POLL = 0.002     # seconds between a Redis worker's reads during its gath
 SOCKET_TIMEOUT = 10.0   # seconds a Redis reply may take before the queue counts as unreachable
 BLOCK_SLICE = 5.0       # longest blocking Redis read (BLPOP), well under SOCKET_TIMEOUT:
                         # longer waits are several reads, so no wait is mistaken for a dead Redis
+WATCH_S = 10            # seconds a preview request keeps a job watched: its worker makes previews that long
+PREVIEW_TTL = 120       # seconds a job's latest preview PNG is kept
 OUTAGE_PAUSE = (0.25, 2.0)  # seconds between a waiter's tries while Redis is unreachable (doubling)
 NO_LANE = "-"           # the lane of jobs made without API keys
 
@@ -94,6 +107,16 @@ def lane_of(owner: Optional[str]) -> str:
     return owner or NO_LANE
 
 
+def model_lane(model: Optional[str], owner: Optional[str]) -> str:
+    """The queue a job waits in: one a (model, API key) pair, "model/key". Workers read the lanes of the models they
+    serve; fairness is round-robin across the lanes of those models. (A job naming no model: NO_LANE's model.)"""
+    return f"{model or NO_LANE}/{lane_of(owner)}"
+
+
+def model_of_lane(lane: str) -> str:
+    return lane.split("/", 1)[0]
+
+
 @dataclass(frozen=True)
 class Idempotency:
     """An Idempotency-Key and the fingerprint of the request it came with; `part`: which of the jobs of a
@@ -122,7 +145,8 @@ class Job:
 
     @property
     def lane(self) -> str:
-        return lane_of(self.owner)
+        """The lane it waits in (model_lane); its API key's own lane, for limits and idempotency: lane_of(owner)."""
+        return model_lane(self.params.get("model"), self.owner)
 
 
 @dataclass
@@ -193,6 +217,8 @@ class MemoryQueue:
         self._workers: dict[str, tuple[float, dict]] = {}  # consumer -> (alive until, the model it serves)
         self._stats: dict[str, float] = collections.defaultdict(float)
         self._runs = 0
+        self._watched: dict[str, float] = {}     # job id -> watched until
+        self._previews: dict[str, bytes] = {}    # job id -> its latest preview PNG
 
     # --- the API's side
 
@@ -201,21 +227,21 @@ class MemoryQueue:
         with self._cond:
             self._expire()
             if idempotency is not None:
-                prior = self._idempotent.get((job.lane, idempotency.digest()))
+                prior = self._idempotent.get((lane_of(job.owner), idempotency.digest()))
                 if prior is not None and prior[1] in self._jobs:
                     if prior[0] != idempotency.fingerprint:
                         raise IdempotencyConflict(prior[1])
                     return _copy(self._jobs[prior[1]])
             if (depth := self._depth()) >= limit:
                 raise _full(depth, limit)
-            if lane_limit and (mine := self._depth(job.lane)) >= lane_limit:
+            if lane_limit and (mine := self._depth(lane_of(job.owner))) >= lane_limit:
                 raise _lane_full(mine, lane_limit)
             state = JobState(job.id, job.mode, "queued", job.params, created=job.created or time.time(),
                              owner=job.owner)
             self._jobs[job.id], self._inputs[job.id] = state, dict(job.inputs)
             self._expires[job.id] = time.time() + self.result_ttl
             if idempotency is not None:
-                self._idempotent[(job.lane, idempotency.digest())] = (idempotency.fingerprint, job.id,
+                self._idempotent[(lane_of(job.owner), idempotency.digest())] = (idempotency.fingerprint, job.id,
                                                                       self._expires[job.id])
             self._enqueue(job.id)
             return _copy(state)
@@ -253,7 +279,7 @@ class MemoryQueue:
             state = self._jobs.get(job_id)
             if state is not None and state.status in ("queued", "running"):
                 if state.status == "queued":
-                    lane = lane_of(state.owner)
+                    lane = model_lane(state.params.get("model"), state.owner)
                     self._lanes[lane].remove(job_id)
                     if not self._lanes[lane]:
                         self._ready.remove(lane)
@@ -282,25 +308,39 @@ class MemoryQueue:
     async def ping(self) -> None:
         pass
 
+    async def watch(self, job_id: str) -> None:
+        with self._cond:
+            self._watched[job_id] = time.time() + WATCH_S
+
+    async def preview(self, job_id: str) -> Optional[bytes]:
+        with self._cond:
+            return self._previews.get(job_id)
+
     async def aclose(self) -> None:
         pass
 
     # --- a worker's side
 
-    def take(self, max_jobs: int, block: float, gather: float, consumer: str = "worker") -> list[Job]:
-        """Up to max_jobs queued jobs, now running, round-robin across lanes: wait up to `block` seconds
-        for one, then up to `gather` more seconds for others to join it."""
+    def take(self, max_jobs: int, block: float, gather: float, consumer: str = "worker",
+             models: Optional[list[str]] = None) -> list[Job]:
+        """Up to max_jobs queued jobs of `models` (None: any), now running, round-robin across their lanes: wait
+        up to `block` seconds for one, then up to `gather` more seconds for others to join it."""
         jobs = []
+
+        def mine() -> list[str]:
+            return [lane for lane in self._ready if models is None or model_of_lane(lane) in models]
+
         with self._cond:
-            self._cond.wait_for(lambda: self._ready, timeout=block)
+            self._cond.wait_for(mine, timeout=block)
             end = time.monotonic() + gather
-            while self._ready and len(jobs) < max_jobs:
-                lane = self._ready.popleft()
+            while (ready := mine()) and len(jobs) < max_jobs:
+                lane = ready[0]
+                self._ready.remove(lane)
                 jobs.append(self._start(self._lanes[lane].popleft(), consumer))
                 if self._lanes[lane]:
                     self._ready.append(lane)
-                if len(jobs) < max_jobs and not self._ready and gather > 0:
-                    self._cond.wait_for(lambda: self._ready, timeout=max(0.0, end - time.monotonic()))
+                if len(jobs) < max_jobs and not mine() and gather > 0:
+                    self._cond.wait_for(mine, timeout=max(0.0, end - time.monotonic()))
         return jobs
 
     def progress(self, jobs: list[Job], step: int, total: int, consumer: str = "worker") -> set[str]:
@@ -354,6 +394,15 @@ class MemoryQueue:
         """The worker stopped these jobs without ending them (the queue failed under it): run them again."""
         self.release(jobs)
 
+    def watched(self, jobs: list[Job]) -> set[str]:
+        with self._cond:
+            now = time.time()
+            return {j.id for j in jobs if self._watched.get(j.id, 0) > now}
+
+    def store_preview(self, job: Job, png: bytes) -> None:
+        with self._cond:
+            self._previews[job.id] = png
+
     def keep_alive(self, consumer: str, ttl: float, model: Optional[dict] = None) -> None:
         """The worker is alive for ttl s more (one process: nothing else can take its jobs), serving `model`."""
         with self._cond:
@@ -373,7 +422,7 @@ class MemoryQueue:
                    if s.status in ("queued", "running") and (lane is None or lane_of(s.owner) == lane))
 
     def _enqueue(self, job_id: str, front: bool = False) -> None:
-        lane = lane_of(self._jobs[job_id].owner)
+        lane = model_lane(self._jobs[job_id].params.get("model"), self._jobs[job_id].owner)
         queued = self._lanes.setdefault(lane, collections.deque())
         queued.appendleft(job_id) if front else queued.append(job_id)
         if lane not in self._ready:
@@ -400,7 +449,7 @@ class MemoryQueue:
     def _expire(self) -> None:
         now = time.time()
         for job_id in [j for j, t in self._expires.items() if t < now and self._jobs[j].status in ENDED]:
-            for d in (self._jobs, self._inputs, self._results, self._expires):
+            for d in (self._jobs, self._inputs, self._results, self._expires, self._previews, self._watched):
                 d.pop(job_id, None)
         for key in [k for k, (_, _, until) in self._idempotent.items() if until < now]:
             del self._idempotent[key]
@@ -437,15 +486,23 @@ def _latency_since(created: float) -> dict:
 _LUA_COMMON = """
 local P, GROUP = ARGV[1], 'workers'
 local function stream_of(lane) return P .. ':jobs:' .. lane end
--- a new entry for job `id` in its lane; the lane joins the round-robin; one idle worker is woken
+local function model_of(lane) return string.match(lane, '^[^/]*') end
+local function ready_of(model) return P .. ':ready:' .. model end
+local function ring(bell)
+  redis.call('RPUSH', bell, '1')
+  redis.call('LTRIM', bell, -64, -1)
+end
+-- a new entry for job `id` in its lane ("model/key"); the lane joins its model's round-robin; an idle worker of
+-- that model is woken (and one serving any model)
 local function enqueue(lane, id)
-  local stream = stream_of(lane)
+  local stream, model = stream_of(lane), model_of(lane)
   redis.pcall('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')  -- (BUSYGROUP when it exists)
   redis.call('XADD', stream, '*', 'id', id)
   redis.call('SADD', P .. ':lanes', lane)
-  if not redis.call('LPOS', P .. ':ready', lane) then redis.call('RPUSH', P .. ':ready', lane) end
-  redis.call('RPUSH', P .. ':bell', '1')
-  redis.call('LTRIM', P .. ':bell', -64, -1)
+  redis.call('SADD', P .. ':models', model)
+  if not redis.call('LPOS', ready_of(model), lane) then redis.call('RPUSH', ready_of(model), lane) end
+  ring(P .. ':bell:' .. model)
+  ring(P .. ':bell')
 end
 -- the run `entry` is over: out of the stream, and an empty lane's stream goes with it
 local function ack(lane, entry)
@@ -455,8 +512,15 @@ local function ack(lane, entry)
   if redis.call('XLEN', stream) == 0 then
     redis.call('DEL', stream)
     redis.call('SREM', P .. ':lanes', lane)
-    redis.call('LREM', P .. ':ready', 0, lane)
+    redis.call('LREM', ready_of(model_of(lane)), 0, lane)
   end
+end
+-- the models ARGV[i] names (a comma list; '*': every model with lanes)
+local function models_in(list)
+  if list == '*' then return redis.call('SMEMBERS', P .. ':models') end
+  local out = {}
+  for m in string.gmatch(list, '[^,]+') do table.insert(out, m) end
+  return out
 end
 -- add metric samples (a JSON object name -> increment) to the stats hash, in the step they count
 local function count(stats)
@@ -493,8 +557,13 @@ end
 local depth = 0
 for _, l in ipairs(redis.call('SMEMBERS', P .. ':lanes')) do depth = depth + redis.call('XLEN', stream_of(l)) end
 if depth >= limit then return {'full', depth} end
-local mine = redis.call('XLEN', stream_of(lane))
-if lane_limit > 0 and mine >= lane_limit then return {'lane_full', mine} end
+local key, mine = string.match(lane, '/(.*)$'), 0
+if lane_limit > 0 then
+  for _, l in ipairs(redis.call('SMEMBERS', P .. ':lanes')) do
+    if string.match(l, '/(.*)$') == key then mine = mine + redis.call('XLEN', stream_of(l)) end
+  end
+  if mine >= lane_limit then return {'lane_full', mine} end
+end
 local job, i, names = P .. ':job:' .. id, 10, {}
 for _ = 1, tonumber(ARGV[9]) do
   redis.call('SET', P .. ':input:' .. id .. ':' .. ARGV[i], ARGV[i + 1], 'EX', ttl)
@@ -508,34 +577,44 @@ enqueue(lane, id)
 return {'ok', id}
 """
 
-# Up to ARGV[3] new entries for consumer ARGV[2], one from each ready lane in turn (round-robin).
-# Returns {lane, entry, job id, lane, entry, job id, ...}.
+# Up to ARGV[3] new entries for consumer ARGV[2], of the models ARGV[4] (models_in), one from each ready lane of
+# each model in turn (round-robin). Returns {lane, entry, job id, lane, entry, job id, ...}.
 _TAKE = _LUA_COMMON + """
 local me, max, out, n = ARGV[2], tonumber(ARGV[3]), {}, 0
-local ready = P .. ':ready'
-while n < max do
-  local lane = redis.call('LMOVE', ready, ready, 'LEFT', 'RIGHT')
-  if not lane then break end
-  local got = redis.pcall('XREADGROUP', 'GROUP', GROUP, me, 'COUNT', 1, 'STREAMS', stream_of(lane), '>')
-  if type(got) == 'table' and got[1] then
-    local entry = got[1][2][1]
-    table.insert(out, lane); table.insert(out, entry[1]); table.insert(out, entry[2][2])
-    n = n + 1
-  else
-    redis.call('LREM', ready, 0, lane)  -- nothing new in it (or no stream): out of the round-robin
+local models = models_in(ARGV[4])
+local open = #models
+while n < max and open > 0 do
+  open = 0
+  for _, model in ipairs(models) do
+    local ready = ready_of(model)
+    local lane = n < max and redis.call('LMOVE', ready, ready, 'LEFT', 'RIGHT')
+    while lane do
+      local got = redis.pcall('XREADGROUP', 'GROUP', GROUP, me, 'COUNT', 1, 'STREAMS', stream_of(lane), '>')
+      if type(got) == 'table' and got[1] then
+        local entry = got[1][2][1]
+        table.insert(out, lane); table.insert(out, entry[1]); table.insert(out, entry[2][2])
+        n = n + 1
+        open = open + 1
+        break
+      end
+      redis.call('LREM', ready, 0, lane)  -- nothing new in it (or no stream): out of the round-robin
+      lane = redis.call('LMOVE', ready, ready, 'LEFT', 'RIGHT')
+    end
   end
 end
 return out
 """
 
-# Entries for consumer ARGV[2] to run again, up to ARGV[5]: those of consumers whose liveness key is gone
-# (idle at least ARGV[3] ms: so two workers never both claim one), its own pending entries but the ones it
-# holds (ARGV[6..]: runs it is still on), and any entry idle longer than ARGV[4] ms (the visibility timeout).
+# Entries for consumer ARGV[2] to run again, up to ARGV[5], in lanes of the models ARGV[6] (models_in): those of
+# consumers whose liveness key is gone (idle at least ARGV[3] ms: so two workers never both claim one), its own
+# pending entries but the ones it holds (ARGV[7..]: runs it is still on), and any entry idle longer than ARGV[4]
+# ms (the visibility timeout).
 # Returns {lane, entry, job id, ...} as _TAKE, and counts them (sd_jobs_reclaimed_total).
 _RECLAIM = _LUA_COMMON + """
 local me, dead_idle, visibility, max = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local held, nheld, out, n = {}, 0, {}, 0
-for i = 6, #ARGV do held[ARGV[i]] = true; nheld = nheld + 1 end
+local held, nheld, out, n, served = {}, 0, {}, 0, {}
+for i = 7, #ARGV do held[ARGV[i]] = true; nheld = nheld + 1 end
+for _, m in ipairs(models_in(ARGV[6])) do served[m] = true end
 local function add(lane, entries)
   for _, e in ipairs(entries) do
     if type(e) == 'table' and type(e[2]) == 'table' and not held[lane .. '/' .. e[1]] then
@@ -547,7 +626,7 @@ end
 for _, lane in ipairs(redis.call('SMEMBERS', P .. ':lanes')) do
   if n >= max then break end
   local stream = stream_of(lane)
-  local summary = redis.pcall('XPENDING', stream, GROUP)
+  local summary = served[model_of(lane)] and redis.pcall('XPENDING', stream, GROUP)
   if type(summary) == 'table' and type(summary[1]) == 'number' and summary[1] > 0 then
     for _, c in ipairs(summary[4]) do
       local name = c[1]
@@ -711,7 +790,8 @@ class RedisQueue:
         self._held_lock = threading.Lock()  # guards _held, and the making of the blocking client
 
     # keys
-    def stream(self, lane: str = NO_LANE) -> str:
+    def stream(self, lane: str = f"{NO_LANE}/{NO_LANE}") -> str:
+        """A lane's stream (default: that of jobs naming no model, made without API keys)."""
         return f"{self.prefix}:jobs:{lane}"
 
     def _job(self, job_id):
@@ -750,7 +830,7 @@ class RedisQueue:
     async def submit(self, job: Job, limit: int, *, lane_limit: int = 0,
                      idempotency: Optional[Idempotency] = None) -> JobState:
         state = JobState(job.id, job.mode, "queued", job.params, created=job.created or time.time(), owner=job.owner)
-        idem = f"{self.prefix}:idem:{job.lane}:{idempotency.digest()}" if idempotency else ""
+        idem = f"{self.prefix}:idem:{lane_of(job.owner)}:{idempotency.digest()}" if idempotency else ""
         args = [self.prefix, job.lane, job.id, limit, lane_limit, self.result_ttl, idem,
                 idempotency.fingerprint if idempotency else "", len(job.inputs)]
         args += [x for name, data in job.inputs.items() for x in (name, data)]
@@ -846,6 +926,12 @@ class RedisQueue:
     async def ping(self) -> None:
         await self._call(lambda r: r.ping())
 
+    async def watch(self, job_id: str) -> None:
+        await self._call(lambda r: r.set(f"{self.prefix}:watch:{job_id}", b"1", ex=WATCH_S))
+
+    async def preview(self, job_id: str) -> Optional[bytes]:
+        return await self._call(lambda r: r.get(f"{self.prefix}:preview:{job_id}"))
+
     async def aclose(self) -> None:
         if self._async is not None:
             await self._async.aclose()
@@ -869,32 +955,36 @@ class RedisQueue:
         self._redis()
         return self._scripts[name](args=[self.prefix, *args])
 
-    def take(self, max_jobs: int, block: float, gather: float, consumer: str = "worker") -> list[Job]:
-        """Up to max_jobs jobs, now running: first those to run again (a dead worker's, our own abandoned
-        ones, any idle past the visibility timeout), then new ones, round-robin across lanes (waiting up to
-        `block` s for the first, then `gather` s for more to join it)."""
+    def take(self, max_jobs: int, block: float, gather: float, consumer: str = "worker",
+             models: Optional[list[str]] = None) -> list[Job]:
+        """Up to max_jobs jobs of `models` (None: any model), now running: first those to run again (a dead
+        worker's, our own abandoned ones, any idle past the visibility timeout), then new ones, round-robin
+        across lanes (waiting up to `block` s for the first, then `gather` s for more to join it). A worker
+        never reads another model's entries, so it never has to give one back."""
         r = self._redis()
+        which = "*" if models is None else ",".join(models)
+        bells = [f"{self.prefix}:bell"] if models is None else [f"{self.prefix}:bell:{m}" for m in models]
         with self._held_lock:
             held = [f"{lane}/{entry}" for lane, entry in self._held]
         entries = _triples(self._script("reclaim", consumer, self.liveness_ms // 2, self.visibility_ms, max_jobs,
-                                        *held))
+                                        which, *held))
         if len(entries) < max_jobs:
-            entries += self._read(consumer, max_jobs - len(entries))
+            entries += self._read(consumer, max_jobs - len(entries), which)
         deadline = time.monotonic() + block
         while not entries and (left := deadline - time.monotonic()) > 0:
-            # a token is pushed for every job queued: sleep in Redis until one is, then read
-            r.blpop([f"{self.prefix}:bell"], timeout=max(0.01, min(left, BLOCK_SLICE)))
-            entries = self._read(consumer, max_jobs)
+            # a token is pushed for every job queued, in its model's bell: sleep in Redis until one is, then read
+            r.blpop(bells, timeout=max(0.01, min(left, BLOCK_SLICE)))
+            entries = self._read(consumer, max_jobs, which)
         # The first job is in: give others `gather` s to join it, in short sleeps, each followed by a read
         end = time.monotonic() + gather
         while entries and len(entries) < max_jobs and (left := end - time.monotonic()) > 0:
             time.sleep(min(left, GATHER_POLL))
-            entries += self._read(consumer, max_jobs - len(entries))
+            entries += self._read(consumer, max_jobs - len(entries), which)
         jobs = [job for lane, entry, job_id in entries if (job := self._start(lane, entry, job_id, consumer))]
         return jobs
 
-    def _read(self, consumer: str, count: int) -> list[tuple[str, str, str]]:
-        return _triples(self._script("take", consumer, count))
+    def _read(self, consumer: str, count: int, models: str = "*") -> list[tuple[str, str, str]]:
+        return _triples(self._script("take", consumer, count, models))
 
     def _start(self, lane: str, entry: str, job_id: str, consumer: str) -> Optional[Job]:
         started = self._script("start", lane, entry, job_id, consumer, time.time(), self.max_attempts,
@@ -956,6 +1046,14 @@ class RedisQueue:
         with self._held_lock:
             for job in jobs:
                 self._held.pop((job.lane, job.entry), None)
+
+    def watched(self, jobs: list[Job]) -> set[str]:
+        """The ids of the jobs someone wants previews of now (one Redis round trip)."""
+        flags = self._redis().mget([f"{self.prefix}:watch:{j.id}" for j in jobs]) if jobs else []
+        return {j.id for j, flag in zip(jobs, flags) if flag}
+
+    def store_preview(self, job: Job, png: bytes) -> None:
+        self._redis().set(f"{self.prefix}:preview:{job.id}", png, ex=PREVIEW_TTL)
 
     def keep_alive(self, consumer: str, ttl: float, model: Optional[dict] = None) -> None:
         """Refresh the worker's liveness key (ttl s), which says what `model` it serves, and its claims on the

@@ -107,6 +107,9 @@ def request_models(settings) -> dict[str, type[BaseModel]]:
         loras: list[LoraWeight] = Field(default_factory=list, max_length=MAX_LORAS,
                                         description=f"{LORA_RULE}; also `<lora:NAME:W>` tags in the prompt (their "
                                                     "weights add to these)")
+        model: Optional[str] = Field(None, max_length=255,
+                                     description="the checkpoint to run: a name of GET /v1/models (or its title or "
+                                                 "hash); left out: the default model")
 
         @model_validator(mode="after")
         def _sides(self):
@@ -168,6 +171,7 @@ class Parameters(BaseModel):
     num_images: int
     strength: Optional[float] = None
     loras: list[LoraWeight] = Field(default_factory=list, description="the loras field (the prompt keeps its tags)")
+    model: Optional[str] = Field(None, description="the model that ran it (its registry name)")
 
 
 class ImageOut(BaseModel):
@@ -226,4 +230,6 @@ class Ready(BaseModel):
     queue: Literal["memory", "redis"]
     workers: int = Field(..., description="workers that reported in during the last 30 s")
     queue_depth: int = Field(..., description="jobs queued or running")
+    models: dict[str, dict] = Field(default_factory=dict, description="model name -> {workers: live workers taking "
+                                    "its jobs, loaded: workers holding it in memory}")
     reason: Optional[str] = None

@@ -54,12 +54,16 @@ class Settings:
                                           # no LoRAs (a request naming one gets 422). API and workers see one folder
     lora_cache_mb: int = 1024             # MiB of LoRA tensors a worker keeps loaded (least recently used out)
     embeddings_dir: Optional[str] = None  # textual-inversion files (name = stem): workers load them all
+    models_dir: Optional[str] = None      # more checkpoints, each served by name (folder name or file stem) beside
+                                          # `weights`, the default model (service/registry.py)
+    worker_models: str = "*"              # the models a worker serves: "*" any of the registry's, or a comma list
+    max_loaded_models: int = 1            # models a worker keeps in memory (least recently used out)
     host: str = "127.0.0.1"
     port: int = 8000
 
     def __post_init__(self):
         positive = ("max_batch", "queue_limit", "job_timeout", "result_ttl", "liveness_ttl", "visibility_timeout",
-                    "max_attempts", "max_pixels", "max_steps", "max_images", "max_upload_bytes")
+                    "max_attempts", "max_pixels", "max_steps", "max_images", "max_upload_bytes", "max_loaded_models")
         for name in positive:
             if getattr(self, name) is not None and not getattr(self, name) > 0:  # (None: max_pixels's default)
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -179,6 +183,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, http: bool) -> None:
       "SD_LORA_CACHE_MB; default 1024)")
     p("--embeddings-dir", metavar="DIR", help="folder of textual-inversion embeddings, each used by its file's stem "
       "in prompts; workers load them, the API lists them at /sdapi/v1/embeddings (env SD_EMBEDDINGS_DIR)")
+    p("--models-dir", metavar="DIR", help="folder of more checkpoints (native or diffusers folders, .safetensors / "
+      ".ckpt files), each served by its name (folder name or file stem) beside --weights, the default model; the "
+      "API and the workers must see the same folder (env SD_MODELS_DIR)")
+    if not http:
+        p("--worker-models", metavar="M1,M2", help="the models this worker serves: * (any of the registry's, the "
+          "default) or a comma list of names (env SD_WORKER_MODELS)")
+    p("--max-loaded-models", type=int, help="models a worker keeps in memory, least recently used out (env "
+      "SD_MAX_LOADED_MODELS; default 1)")
     p("--device", help="auto, cpu, cuda, cuda:N (env SD_DEVICE; default auto)")
     p("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="(env SD_DTYPE; default auto: fp16 on cuda)")
     p("--optimize", metavar="LEVERS", help="speed levers: auto, none, or a comma list of prepack, compile, "

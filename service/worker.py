@@ -27,11 +27,17 @@ retries with a growing pause until the queue answers.
 Liveness: a thread of its own (keep_alive) refreshes the worker's liveness key (liveness_ttl, 5 s) and
 its claims on the jobs it runs every fifth of the TTL, however long a step takes; when the worker dies
 the key expires and any other worker claims its jobs at its next take (service/queue.py). The key says
-which model the worker serves and its native size: the API's size limits follow it (service/models.py).
+which models the worker serves and their native sizes: the API routes and sizes requests by it
+(service/models.py).
+
+Models (service/registry.py): a worker serves the models SD_WORKER_MODELS names ("*": any of the registry's,
+the default), takes only their jobs (the queue's lanes are per model), and keeps at most SD_MAX_LOADED_MODELS
+of them in memory, least recently used out; a turn's jobs run model by model, each model's in batches.
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import itertools
 import logging
@@ -45,9 +51,13 @@ import time
 from . import loras
 from .metrics import observe
 from .models import announcement
+from .queue import NO_LANE
+from .registry import Registry, UnknownModel
 
 log = logging.getLogger("sd.worker")
 
+PREVIEW_EVERY = 4      # steps between live previews of a watched job (and its first step)
+PREVIEW_SIDE = 256     # the longer side of a preview PNG, at most (the job's aspect ratio)
 TAKE_BLOCK = 1.0       # seconds a take blocks when the queue is empty (how soon a stop is noticed)
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 8.0  # seconds between tries while the queue is unreachable
 MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
@@ -59,12 +69,13 @@ class QueueLost(Exception):
     not failed or retried here but abandoned; if the queue kept them, the next take claims them again."""
 
 
-def load_pipeline(settings):
+def load_pipeline(settings, path=None):
+    """The pipeline of `path` (default: settings.weights), on the settings' device and dtype, levers applied."""
     from model import StableDiffusion
 
-    device = settings.torch_device()
-    log.info("loading %s on %s", settings.weights, device)
-    pipe = StableDiffusion.from_pretrained(settings.weights, device=device, dtype=settings.torch_dtype(device))
+    device, path = settings.torch_device(), path or settings.weights
+    log.info("loading %s on %s", path, device)
+    pipe = StableDiffusion.from_pretrained(path, device=device, dtype=settings.torch_dtype(device))
     pipe.optimize(**settings.levers())
     if pipe.tuner is not None:      # levers chosen by measurement: measure the native size before the first job
         start = time.perf_counter()
@@ -75,9 +86,27 @@ def load_pipeline(settings):
 
 
 def group_key(job) -> tuple:
-    """Jobs with equal keys can run as one batch (their LoRAs may differ: not part of the key)."""
+    """Jobs with equal keys can run as one batch (their LoRAs may differ: not part of the key). (The model is not
+    either: a turn's jobs are split by model first, Worker.run_once.)"""
     p = job.params
     return (job.mode, p["width"], p["height"], p["steps"], p["sampler"], p.get("strength"))
+
+
+def served_models(settings, registry: Registry) -> list[str] | None:
+    """The names SD_WORKER_MODELS gives ("*": None, any model), each checked against the registry."""
+    wanted = [m.strip() for m in settings.worker_models.split(",") if m.strip()]
+    if not wanted or "*" in wanted:
+        return None
+    return [registry.find(m).name for m in wanted]   # (UnknownModel: a worker started with a typo says so)
+
+
+class Slot:
+    """One loaded model of a worker: its pipeline, its LoRA cache, the embeddings it has loaded."""
+
+    def __init__(self, pipe, settings):
+        self.pipe = pipe
+        self.lora_cache = loras.Cache(pipe, loras.lora_folder(settings), settings.lora_cache_mb * 2**20)
+        self.embeddings: dict[str, tuple] = {}  # name -> (the file's (mtime_ns, size), loaded or not)
 
 
 def plan_batches(jobs: list, max_images: int) -> list[list]:
@@ -112,13 +141,54 @@ def _open_image(data: bytes, what: str):
 
 
 class Worker:
-    def __init__(self, pipe, queue, settings, name: str | None = None):
-        self.pipe, self.queue, self.settings = pipe, queue, settings
+    """`pipe`: the first model it serves, loaded (the first of SD_WORKER_MODELS, or the default model)."""
+
+    def __init__(self, pipe, queue, settings, name: str | None = None, registry: Registry | None = None):
+        self.queue, self.settings = queue, settings
+        self.registry = registry or Registry.from_settings(settings)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.calls = 0  # pipeline calls made: one per batch
-        self.model = announcement(pipe)  # what its liveness key says it serves: the API's limits follow it
-        self.lora_cache = loras.Cache(pipe, loras.lora_folder(settings), settings.lora_cache_mb * 2**20)
-        self.embeddings: dict[str, tuple] = {}  # name -> (the file's (mtime_ns, size), loaded or not)
+        self.serves = served_models(settings, self.registry)   # None: any model
+        first = self.serves[0] if self.serves else self.registry.default.name
+        self.loaded: collections.OrderedDict[str, Slot] = collections.OrderedDict({first: Slot(pipe, settings)})
+        self.current = first
+        self._announce()
+
+    # the loaded model the running batch uses
+    @property
+    def pipe(self):
+        return self.loaded[self.current].pipe
+
+    @property
+    def lora_cache(self):
+        return self.loaded[self.current].lora_cache
+
+    @property
+    def embeddings(self) -> dict:
+        return self.loaded[self.current].embeddings
+
+    def _announce(self) -> None:
+        """What the liveness key says (service/models.py): the models served and the native sizes of those loaded."""
+        self.model = {**announcement(self.loaded[next(reversed(self.loaded))].pipe),
+                      "serves": ["*"] if self.serves is None else list(self.serves),
+                      "loaded": {n: int(s.pipe.native_size) for n, s in self.loaded.items()}}
+
+    def use(self, model: str) -> None:
+        """Make `model` the current one, loading it (and unloading the least recently used beyond
+        max_loaded_models) if it is not in memory. UnknownModel if the registry has no such model."""
+        if model not in self.loaded:
+            checkpoint = self.registry.find(model)
+            while len(self.loaded) >= self.settings.max_loaded_models:
+                gone, _ = self.loaded.popitem(last=False)
+                log.info("unloading %s (max_loaded_models=%d)", gone, self.settings.max_loaded_models)
+            self.loaded[checkpoint.name] = Slot(load_pipeline(self.settings, checkpoint.path), self.settings)
+            model = checkpoint.name
+        self.loaded.move_to_end(model)
+        self.current = model
+        self._announce()
+
+    def model_of(self, job) -> str:
+        return job.params.get("model") or self.registry.default.name
 
     def sync_embeddings(self) -> None:
         """Load the embeddings folder's files that are new or changed since last time (a name then stands for its
@@ -189,22 +259,49 @@ class Worker:
 
     def run_once(self, stop: threading.Event | None = None) -> int:
         """One turn: take, group, run. Returns how many jobs were taken. (Liveness is run()'s keep-alive thread's.)"""
+        lanes = None
+        if self.serves is not None:   # (jobs that name no model are the default model's)
+            lanes = self.serves + ([NO_LANE] if self.registry.default.name in self.serves else [])
         jobs = self.queue.take(self.settings.max_batch, block=TAKE_BLOCK, gather=self.settings.batch_window,
-                               consumer=self.name)
-        for job in jobs:  # txt2img jobs may leave the size to the model
-            job.params = {**job.params, "width": job.params.get("width") or self.pipe.native_size,
-                          "height": job.params.get("height") or self.pipe.native_size}
+                               consumer=self.name, models=lanes)
+        by_model: dict[str, list] = {}
+        for job in jobs:
+            by_model.setdefault(self.model_of(job), []).append(job)
+        # the loaded model first: a model switch costs a load
+        order = sorted(by_model, key=lambda m: (m not in self.loaded, m != self.current))
         try:
-            batches = plan_batches(jobs, self.settings.max_batch)
-            for i, batch in enumerate(batches):
+            for k, model in enumerate(order):
                 if stop is not None and stop.is_set():
-                    self.queue.release([job for b in batches[i:] for job in b])
+                    self.queue.release([job for m in order[k:] for job in by_model[m]])
                     break
-                self.run_batch(batch)
+                self.run_model(model, by_model[model], stop)
         except BaseException:  # the queue failed under us (or we are killed): what did not end runs again
             self.queue.abandon(jobs)
             raise
         return len(jobs)
+
+    def run_model(self, model: str, jobs: list, stop: threading.Event | None) -> None:
+        """A turn's jobs of one model, in batches."""
+        try:
+            self.use(model)
+        except UnknownModel as e:   # (the API checks names: a model removed from the folder since)
+            for job in jobs:
+                self.queue.fail(job, str(e), retry=False, kind="invalid")
+            return
+        except Exception as e:  # noqa: BLE001  (out of memory, a broken file: another worker may do better)
+            log.exception("model %s failed to load", model)
+            for job in jobs:
+                self.queue.fail(job, f"model {model} failed to load: {type(e).__name__}: {e}", retry=True)
+            return
+        for job in jobs:  # txt2img jobs may leave the size to the model
+            job.params = {**job.params, "width": job.params.get("width") or self.pipe.native_size,
+                          "height": job.params.get("height") or self.pipe.native_size}
+        batches = plan_batches(jobs, self.settings.max_batch)
+        for i, batch in enumerate(batches):
+            if stop is not None and stop.is_set():
+                self.queue.release([job for b in batches[i:] for job in b])
+                break
+            self.run_batch(batch)
 
     def with_loras(self, jobs: list) -> list:
         """The jobs whose LoRAs are loaded, loading them first; each other job fails with its LoRA's error
@@ -289,10 +386,32 @@ class Worker:
                 raise Cancelled()
 
         mode, width, height, steps, sampler, strength = group_key(jobs[0])
+        scale = min(1.0, PREVIEW_SIDE / max(width, height))
+        preview_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+
+        def on_latents(step: int, total: int, x0) -> None:
+            """Every PREVIEW_EVERY steps, a preview of each watched job's first image (none watched: one Redis
+            read, nothing else). Best effort: a failure here never fails the batch."""
+            if step % PREVIEW_EVERY != 1 % PREVIEW_EVERY or step == total:
+                return
+            try:
+                watched = self.queue.watched(jobs) - cancelled
+                row = 0
+                for job, request in zip(jobs, requests):
+                    if job.id in watched:
+                        image = self.pipe.preview_images(x0[row:row + 1], size=preview_size)[0]
+                        buf = io.BytesIO()
+                        image.save(buf, format="PNG")
+                        self.queue.store_preview(job, buf.getvalue())
+                    row += request.num_images
+            except Exception as e:  # noqa: BLE001
+                log.warning("preview failed: %s: %s", type(e).__name__, e)
+
+        previews = {"on_latents": on_latents} if hasattr(self.pipe, "preview_images") else {}
         self.calls += 1
         try:
             return self.pipe.generate(requests, mode=mode, steps=steps, sampler=sampler, width=width,
-                                      height=height, strength=strength, callback=callback)
+                                      height=height, strength=strength, callback=callback, **previews)
         finally:
             stats = observe("sd_batch_size", sum(r.num_images for r in requests))
             for t in step_times:
@@ -321,7 +440,14 @@ def main(settings) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     queue = make_queue(settings)  # a RedisQueue: there is a Redis URL
-    worker = Worker(load_pipeline(settings), queue, settings)
+    registry = Registry.from_settings(settings)
+    try:
+        serves = served_models(settings, registry)
+    except UnknownModel as e:
+        print(f"sd worker: SD_WORKER_MODELS: {e}", flush=True)
+        return 2
+    first = registry.find(serves[0]) if serves else registry.default
+    worker = Worker(load_pipeline(settings, first.path), queue, settings, registry=registry)
     stop = threading.Event()
     signals = itertools.count()
 

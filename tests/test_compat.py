@@ -156,10 +156,10 @@ def openai_client(server, key=KEY) -> openai.OpenAI:
 
 def test_openai_generate_is_the_native_txt2img_job(service):
     client = openai_client(service.server)
-    r = client.images.generate(prompt="a red circle", n=2, size="16x16", model="tiny-sd", quality="high",
+    r = client.images.generate(prompt="a red circle", n=2, size="16x16", model="weights", quality="high",
                                style="vivid", extra_body={"seed": 7, "steps": 2})
     assert isinstance(r.created, int) and len(r.data) == 2
-    assert r.model_extra["model"] == "tiny-sd" and r.size == "16x16" and r.model_extra["seed"] == 7
+    assert r.model_extra["model"] == "weights" and r.size == "16x16" and r.model_extra["seed"] == 7
     images = [decode_png(base64.b64decode(d.b64_json)) for d in r.data]
     expected = native_pixels(service, "/txt2img", 7, num_images=2, prompt="a red circle", steps=2)
     assert all(np.array_equal(a, b) for a, b in zip(images, expected))

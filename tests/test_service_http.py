@@ -324,7 +324,7 @@ def test_batching_over_http_matches_running_alone(redis_service):
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
     for t in threads:
         t.start()
-    wait_until(lambda: c.redis.xlen(f"{c.prefix}:jobs:-") == len(requests), what="all jobs queued")
+    wait_until(lambda: c.redis.xlen(f"{c.prefix}:jobs:weights/-") == len(requests), what="all jobs queued")
     c.start_worker()  # finds four jobs waiting: one batch
     for t in threads:
         t.join(120)

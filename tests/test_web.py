@@ -241,3 +241,46 @@ def test_page_routes_beside_the_api(server):
         paths = http.get("/openapi.json").json()["paths"]
         assert "/" not in paths and "/ui/config" not in paths and "/jobs/{job_id}" in paths
         assert http.get("/jobs/nothing").status_code == 401  # the API still wants its key
+
+
+class SlowPipe(RecordingPipe):
+    """The tiny pipeline at about 0.15 s a step, so a person (and this test) can watch the live preview."""
+
+    def preview_images(self, latents, size=None):
+        return self.pipe.preview_images(latents, size=size)
+
+    def generate(self, requests, callback=None, **kw):
+        import time
+
+        def slow(step, total):
+            time.sleep(0.15)
+            callback(step, total)
+        return super().generate(requests, callback=slow, **kw)
+
+
+@pytest.fixture(scope="module")
+def slow_server(tiny_weights, tiny_pipe):
+    pipe = SlowPipe(tiny_pipe)
+    srv, client = serve(Settings(weights=str(tiny_weights), batch_window=0.01, max_steps=50), pipe)
+    yield srv
+    client.close()
+    srv.__exit__()
+
+
+def test_the_page_shows_the_live_preview_while_a_job_runs(browser, slow_server):
+    page = open_page(browser, slow_server, viewport={"width": 1100, "height": 900})
+    page.fill("#prompt", "a red circle on a blue background")
+    page.fill("#steps", "40")
+    page.fill("#width", "32")
+    page.fill("#height", "16")
+    page.click("#generate")
+    # while the job runs (the progress bar shows), the preview appears: a decoded PNG at the job's aspect ratio
+    page.wait_for_function("() => { const i = document.querySelector('#preview');"
+                           " return !i.hidden && i.complete && i.naturalWidth > 0; }")
+    assert page.locator("#progress").is_visible()
+    size = page.eval_on_selector("#preview", "i => [i.naturalWidth, i.naturalHeight]")
+    assert size == [32, 16]
+    page.screenshot(path=ARTIFACTS / "preview.png", full_page=True)
+    card = newest_result(page, 1)                       # the job ends: the image, and the preview goes
+    assert card.locator("img").first.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [32, 16]
+    assert page.locator("#preview").is_hidden()

@@ -20,6 +20,7 @@ subset. LoRAs are `<lora:NAME:W>` tags in the prompt, as in the web UI (service/
 basic auth (webuiapi's `set_auth`). Progress and interrupt see the requests of this API process only.
 """
 
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -33,12 +34,16 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from model.pnginfo import parse_infotext
 
 from .. import loras, schemas
 from ..errors import ERRORS, SYNC_ERRORS, error_message, field_rules
 from ..jobs import MaxPixels, idempotency_of, owner_of, submit, wait_for_result
 from ..queue import ENDED
+from ..registry import UnknownModel
 from ..settings import Settings
 from ..uploads import JSON_BODY, check_pixels, open_image, size_from_image
 
@@ -83,6 +88,8 @@ def request_models(settings: Settings) -> dict[str, type[BaseModel]]:
         height: Optional[int] = None
         batch_size: int = Field(1, ge=1, le=settings.max_images, description=images_rule)
         n_iter: int = Field(1, ge=1, le=settings.max_images, description=images_rule)
+        override_settings: dict = Field(default_factory=dict, description="options for this request only; "
+                                        "sd_model_checkpoint picks its model (else the server-wide option's)")
 
     class WebUIImg2ImgRequest(WebUITxt2ImgRequest):
         init_images: list[str] = Field(..., min_length=1, max_length=1,
@@ -92,6 +99,10 @@ def request_models(settings: Settings) -> dict[str, type[BaseModel]]:
         inpainting_mask_invert: int = Field(0, ge=0, le=1, description="0 or 1; 1: black = repaint")
 
     return {"txt2img": WebUITxt2ImgRequest, "img2img": WebUIImg2ImgRequest}
+
+
+class PngInfoRequest(BaseModel):
+    image: str = Field(..., description="a base64 PNG (with or without its data: URL head)")
 
 
 def b64decode(text: str, what: str) -> bytes:
@@ -135,11 +146,11 @@ def router(settings: Settings) -> APIRouter:
     api = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"], route_class=Errors)
     Txt2Img, Img2Img = models["txt2img"], models["img2img"]
 
-    def native_params(body, mode: str, seed: int, max_pixels: int) -> dict:
+    def native_params(body, mode: str, seed: int, max_pixels: int, model: Optional[str]) -> dict:
         """The native request of one image (so the job is the one the native endpoint makes)."""
         params = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
                   "guidance_scale": body.cfg_scale, "seed": seed, "width": body.width, "height": body.height,
-                  "num_images": 1}
+                  "num_images": 1, "model": model}
         if mode != "txt2img":
             params["strength"] = body.denoising_strength
         try:
@@ -170,8 +181,7 @@ def router(settings: Settings) -> APIRouter:
             try:
                 for i in range(count):
                     part = dataclasses.replace(idem, part=i) if idem else None
-                    state = await submit(queue, settings, mode, {**params, "seed": seed + i}, inputs,
-                                         owner_of(request), part)
+                    state = await submit(request, mode, {**params, "seed": seed + i}, inputs, part)
                     ids.append(state.id)
                     if i == 0:
                         seed = state.params["seed"]  # (a retry with an Idempotency-Key: the first request's)
@@ -209,9 +219,77 @@ def router(settings: Settings) -> APIRouter:
         parameters = body.model_dump(exclude={"init_images", "mask"})
         return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(info)})
 
+    async def model_of(request: Request, body) -> Optional[str]:
+        """The model a web UI request runs on: its override_settings' sd_model_checkpoint, else the server-wide
+        option's (POST /options), else the default (None)."""
+        wanted = body.override_settings.get("sd_model_checkpoint")
+        if wanted is None:
+            wanted = (await request.app.state.options.get()).get("sd_model_checkpoint")
+        if wanted is not None and not isinstance(wanted, str):
+            raise HTTPException(422, f"sd_model_checkpoint must be a model title or name, got {wanted!r}")
+        return wanted
+
+    def sd_model(registry, checkpoint) -> dict:
+        sha = registry.sha256(checkpoint)
+        return {"title": registry.title(checkpoint), "model_name": checkpoint.name,
+                "hash": sha[:10] if sha else None, "sha256": sha, "filename": str(checkpoint.path), "config": None}
+
+    @api.get("/sd-models", summary="Web UI: the checkpoints this server serves (title = 'name [hash]')",
+             responses={401: ERRORS[401]})
+    def sd_models(request: Request):  # (a plain def: FastAPI runs it in a thread, as the first call hashes files)
+        registry = request.app.state.registry
+        return [sd_model(registry, c) for c in registry.checkpoints().values()]
+
+    @api.post("/refresh-checkpoints", summary="Web UI: list the models folder again", responses={401: ERRORS[401]})
+    def refresh_checkpoints(request: Request):
+        request.app.state.registry.refresh()
+        request.app.state.registry.checkpoints()
+        return None
+
+    @api.get("/options", summary="Web UI: the server-wide options (sd_model_checkpoint, and what clients stored)",
+             responses={k: ERRORS[k] for k in (401, 503)})
+    async def get_options(request: Request):
+        registry, stored = request.app.state.registry, await request.app.state.options.get()
+        try:
+            checkpoint = registry.find(stored.get("sd_model_checkpoint"))
+        except (UnknownModel, AttributeError):   # (a model since removed from the folder: the default again)
+            checkpoint = registry.default
+        title = await asyncio.to_thread(registry.title, checkpoint)
+        return {**stored, "sd_model_checkpoint": title, "sd_checkpoint_hash": registry.sha256(checkpoint)}
+
+    @api.post("/options", summary="Web UI: store options; sd_model_checkpoint must name a model of /sd-models",
+              dependencies=[JSON_BODY], responses={k: ERRORS[k] for k in (401, 422, 503)})
+    async def set_options(request: Request, body: dict):
+        registry = request.app.state.registry
+        if "sd_model_checkpoint" in body:
+            wanted = body["sd_model_checkpoint"]
+            try:
+                checkpoint = registry.find(wanted if isinstance(wanted, str) else repr(wanted))
+            except UnknownModel as e:
+                raise HTTPException(422, f"sd_model_checkpoint: {e}")
+            body = {**body, "sd_model_checkpoint": checkpoint.name}
+        try:
+            await request.app.state.options.update(body)
+        except ValueError as e:
+            raise HTTPException(422, str(e))
+        return None
+
+    @api.post("/png-info", summary="Web UI: the generation parameters a PNG carries (its `parameters` chunk)",
+              dependencies=[JSON_BODY], responses={k: ERRORS[k] for k in (401, 415, 422)})
+    async def png_info(body: PngInfoRequest):
+        data = b64decode(body.image, "image")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                chunks = {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
+        except Exception:  # noqa: BLE001  (not an image)
+            raise HTTPException(415, "image is not a readable image")
+        text = chunks.pop("parameters", "")
+        return {"info": text, "items": chunks, "parameters": parse_infotext(text) if text else {}}
+
     @api.post("/txt2img", summary="Web UI: text to image", dependencies=[JSON_BODY], responses=SYNC_ERRORS)
     async def txt2img(request: Request, body: Txt2Img, max_pixels: MaxPixels):
-        return await run(request, body, "txt2img", native_params(body, "txt2img", body.seed, max_pixels), {})
+        model = await model_of(request, body)
+        return await run(request, body, "txt2img", native_params(body, "txt2img", body.seed, max_pixels, model), {})
 
     @api.post("/img2img", summary="Web UI: image to image; with a mask (white = repaint), inpainting",
               dependencies=[JSON_BODY], responses=SYNC_ERRORS)
@@ -229,7 +307,8 @@ def router(settings: Settings) -> APIRouter:
 
                 mask_data = png_bytes(ImageOps.invert(mask.convert("L")))
             inputs["mask"], mode = mask_data, "inpaint"
-        params = size_from_image(native_params(body, mode, body.seed, max_pixels), image, max_pixels)
+        model = await model_of(request, body)
+        params = size_from_image(native_params(body, mode, body.seed, max_pixels, model), image, max_pixels)
         return await run(request, body, mode, params, inputs)
 
     @api.get("/loras", summary="Web UI: the LoRAs of the server's folder (name = the file's stem)",
@@ -289,8 +368,15 @@ def router(settings: Settings) -> APIRouter:
                  "job_no": sum(s.status in ENDED for s in states),
                  "sampling_step": running.step if running else 0,
                  "sampling_steps": running.params["steps"] if running else 0}
+        current_image = None
+        if running is not None and not skip_current_image:   # the web UI's live preview: base64 PNG
+            queue = request.app.state.queue
+            await queue.watch(running.id)
+            png = await queue.preview(running.id)
+            current_image = base64.b64encode(png).decode() if png else None
         return {"progress": round(fraction, 4), "eta_relative": round(eta, 3), "state": state,
-                "current_image": None, "textinfo": None, "current_task": states[0].id if states else None}
+                "current_image": current_image, "textinfo": None,
+                "current_task": states[0].id if states else None}
 
     @api.post("/interrupt", summary="Web UI: stop the oldest request in progress (its finished images come back)",
               responses={k: ERRORS[k] for k in (401, 503)})

@@ -46,14 +46,14 @@ def router(settings: Settings) -> APIRouter:
     async def txt2img_job(request, body, queue, settings, max_pixels):
         check_pixels(body.width, body.height, max_pixels)
         params = body.model_dump()
-        return await submit(queue, settings, "txt2img", params, {}, owner_of(request),
+        return await submit(request, "txt2img", params, {},
                             idempotency_of(request, params, {}))
 
     async def img2img_job(request, params, image, queue, settings, max_pixels):
         check_pixels(params.width, params.height, max_pixels)  # (a size asked for: before the upload is read)
         data, img = await read_image(image, "image", settings, max_pixels)
         params = size_from_image(params.model_dump(), img, max_pixels)
-        return await submit(queue, settings, "img2img", params, {"image": data}, owner_of(request),
+        return await submit(request, "img2img", params, {"image": data},
                             idempotency_of(request, params, {"image": data}))
 
     async def inpaint_job(request, params, image, mask, queue, settings, max_pixels):
@@ -68,7 +68,7 @@ def router(settings: Settings) -> APIRouter:
         elif not (img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info):
             raise HTTPException(422, "mask is required: the image has no transparent pixels to repaint")
         params = size_from_image(params.model_dump(), img, max_pixels)
-        return await submit(queue, settings, "inpaint", params, inputs, owner_of(request),
+        return await submit(request, "inpaint", params, inputs,
                             idempotency_of(request, params, inputs))
 
     ImageFile = Annotated[UploadFile, File(description="the input image (PNG, JPEG, WebP, ...)")]
@@ -150,6 +150,24 @@ def router(settings: Settings) -> APIRouter:
         if png is None:
             raise HTTPException(404, f"image {n} of job {job_id} expired")
         return Response(png, media_type="image/png", headers={"X-Seed": str(state.params["seed"]), "X-Job-Id": job_id})
+
+    @api.get("/jobs/{job_id}/preview", response_class=Response,
+             responses={200: {"content": {"image/png": {}}, "description": "the latest preview (done: the first image)"},
+                        204: {"description": "no preview yet: ask again in a moment"}, **NOT_FOUND},
+             summary="A live preview of a running job: a small PNG at the job's aspect ratio, made from its latents "
+                     "every few steps while someone asks (not a VAE decode)")
+    async def job_preview(request: Request, job_id: str, queue: Queue):
+        state = await _state(request, queue, job_id)
+        if state.status == "done" and state.images:
+            png = await queue.result(job_id, 0)
+        else:
+            if state.status in ("queued", "running"):
+                await queue.watch(job_id)   # its worker makes previews for the next WATCH_S s
+            png = await queue.preview(job_id)
+        if png is None:
+            return Response(status_code=204, headers={"X-Job-Status": state.status, "Retry-After": "1"})
+        return Response(png, media_type="image/png", headers={"X-Job-Id": job_id, "X-Job-Status": state.status,
+                                                              "Cache-Control": "no-store"})
 
     @api.delete("/jobs/{job_id}", response_model=schemas.JobStatus,
                 responses={**NOT_FOUND, 409: {"model": schemas.Error, "description": "already finished"}},

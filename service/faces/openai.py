@@ -8,14 +8,15 @@ every error, the API key's included, is `{"error": {"message", "type", "param", 
 service's API key is the OpenAI key (`Authorization: Bearer KEY`). The mask follows OpenAI: its
 fully transparent pixels (alpha 0) are repainted; without a mask, the image's own transparent pixels.
 `response_format="url"` answers links to /jobs/{id}/image/{n} (kept SD_RESULT_TTL seconds; they need
-the API key like every other route). `model`, `quality`, `style`, `user` and the like are accepted:
-this server has one model. The native fields negative_prompt, steps, guidance_scale, sampler, seed,
+the API key like every other route). `model` picks one of GET /v1/models (OpenAI's own names, dall-e-* and
+gpt-image-*, mean the default model); `quality`, `style`, `user` and the like are accepted and ignored. The native fields negative_prompt, steps, guidance_scale, sampler, seed,
 loras (and strength for edits) may be added to a request as extensions; `<lora:NAME:W>` tags in the prompt
 apply LoRAs as on every face.
 """
 
 import base64
 import io
+import re
 import time
 from typing import Annotated, Literal, Optional
 
@@ -35,6 +36,7 @@ from ..settings import Settings
 from ..uploads import FORM_BODY, JSON_BODY, check_pixels, open_image, read_image, size_from_image
 
 DEFAULT_MODEL = "sd-from-scratch"
+OPENAI_MODEL = re.compile(r"(dall-e|gpt-image)(-|$)")   # OpenAI's own names (clients' defaults): the default model
 EXTENSIONS = ("negative_prompt", "steps", "guidance_scale", "sampler", "seed", "loras")  # native fields, passed through
 # status of a native error -> (OpenAI status, type, code)
 KINDS = {400: (400, "invalid_request_error", "invalid_value"), 413: (400, "invalid_request_error", "too_large"),
@@ -105,7 +107,8 @@ def request_models(settings: Settings) -> dict[str, type[BaseModel]]:
         model_config = ConfigDict(extra="forbid")
 
         prompt: str = Field(..., description="text of at most 4000 characters; what to draw")
-        model: Optional[str] = Field(None, description="any text; accepted and reported (this server has one model)")
+        model: Optional[str] = Field(None, description="a model id of GET /v1/models; OpenAI's own names (dall-e-*, "
+                                                       "gpt-image-*) and none: the default model")
         n: Optional[int] = Field(1, ge=1, le=settings.max_images, description=n_rule)
         size: Optional[str] = Field(None, description=size_rule)
         response_format: Optional[Literal["b64_json", "url"]] = Field(
@@ -200,7 +203,7 @@ def router(settings: Settings) -> APIRouter:
             return route
 
     # the API key is checked (and its 401 given in OpenAI's shape) by api.RequireKey, before any route
-    api = APIRouter(prefix="/v1/images", tags=["OpenAI compatible"], route_class=OpenAIErrors)
+    api = APIRouter(prefix="/v1", tags=["OpenAI compatible"], route_class=OpenAIErrors)
     ImageRequest, EditRequest = models["generation"], models["edit"]
 
     def native_params(body, mode: str, max_pixels: int) -> dict:
@@ -209,6 +212,7 @@ def router(settings: Settings) -> APIRouter:
         check_pixels(width, height, max_pixels, what="size (WIDTH * HEIGHT)")  # (param "size")
         extras = EXTENSIONS + (("strength",) if mode == "inpaint" else ())
         params = {"prompt": body.prompt, "num_images": body.n or 1, "width": width, "height": height,
+                  "model": None if OPENAI_MODEL.match(body.model or "") else body.model,
                   **{k: getattr(body, k) for k in extras if getattr(body, k) is not None}}
         try:
             return native[mode](**params).model_dump()
@@ -227,15 +231,15 @@ def router(settings: Settings) -> APIRouter:
                              "size": f"{p['width']}x{p['height']}" if p.get("width") else None,
                              "seed": p["seed"], "job_id": state.id})
 
-    @api.post("/generations", summary="OpenAI: create images from a prompt (a txt2img job)", dependencies=[JSON_BODY],
+    @api.post("/images/generations", summary="OpenAI: create images from a prompt (a txt2img job)", dependencies=[JSON_BODY],
               responses=ERRORS)
     async def generations(request: Request, body: ImageRequest, max_pixels: MaxPixels, queue=Depends(get_queue)):
         params = native_params(body, "txt2img", max_pixels)
-        state = await submit(queue, settings, "txt2img", params, {}, owner_of(request),
+        state = await submit(request, "txt2img", params, {},
                              idempotency_of(request, params, {}))
         return await answer(request, body, state)
 
-    @api.post("/edits", summary="OpenAI: repaint an image where the mask is transparent (an inpaint job)",
+    @api.post("/images/edits", summary="OpenAI: repaint an image where the mask is transparent (an inpaint job)",
               dependencies=[FORM_BODY], responses=ERRORS)
     async def edits(request: Request, body: Annotated[EditRequest, Form()], max_pixels: MaxPixels,
                     queue=Depends(get_queue),
@@ -252,8 +256,21 @@ def router(settings: Settings) -> APIRouter:
         elif not has_alpha(img):
             raise HTTPException(422, "mask is required: the image has no transparent pixels to repaint")
         params = size_from_image(native_params(body, "inpaint", max_pixels), img, max_pixels)
-        state = await submit(queue, settings, "inpaint", params, inputs, owner_of(request),
+        state = await submit(request, "inpaint", params, inputs,
                              idempotency_of(request, params, inputs))
         return await answer(request, body, state)
+
+    @api.get("/models", summary="OpenAI: the models this server serves (ids for the `model` field)")
+    async def list_models(request: Request):
+        registry = request.app.state.registry
+
+        def created(checkpoint) -> int:
+            try:
+                return int(checkpoint.path.stat().st_mtime)
+            except OSError:
+                return 0
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created(c),
+                                             "owned_by": "sd-from-scratch"}
+                                            for name, c in registry.checkpoints().items()]}
 
     return api

@@ -120,6 +120,7 @@ async function generate(event) {
     setStatus(err.message, true);
   } finally {
     followed = null;
+    $("preview").hidden = true;
     setBusy(false);
   }
 }
@@ -143,8 +144,20 @@ async function follow(id) {
     if (state.status === "failed") throw new Error(`failed: ${state.error || "unknown error"}`);
     if (state.status === "cancelled") { setStatus("cancelled"); return; }
     setStatus(state.status === "queued" ? "queued…" : `step ${step} of ${total}`);
+    if (state.status === "running") await showPreview(id);
     await sleep(POLL_MS);
   }
+}
+
+// the live preview of a running job: a small PNG made from its latents (204 until the first one exists)
+async function showPreview(id) {
+  const response = await api(`/jobs/${id}/preview`);
+  if (response.status !== 200 || followed !== id) return;
+  const img = $("preview");
+  const old = img.src;
+  img.src = URL.createObjectURL(await response.blob());
+  img.hidden = false;
+  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
 }
 
 async function cancel() {
