@@ -152,7 +152,8 @@ def router(settings: Settings) -> APIRouter:
         return Response(png, media_type="image/png", headers={"X-Seed": str(state.params["seed"]), "X-Job-Id": job_id})
 
     @api.get("/jobs/{job_id}/preview", response_class=Response,
-             responses={200: {"content": {"image/png": {}}, "description": "the latest preview (done: the first image)"},
+             responses={200: {"content": {"image/png": {}},
+                              "description": "the latest preview (done: the first image)"},
                         204: {"description": "no preview yet: ask again in a moment"}, **NOT_FOUND},
              summary="A live preview of a running job: a small PNG at the job's aspect ratio, made from its latents "
                      "every few steps while someone asks (not a VAE decode)")

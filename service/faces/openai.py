@@ -9,9 +9,9 @@ service's API key is the OpenAI key (`Authorization: Bearer KEY`). The mask foll
 fully transparent pixels (alpha 0) are repainted; without a mask, the image's own transparent pixels.
 `response_format="url"` answers links to /jobs/{id}/image/{n} (kept SD_RESULT_TTL seconds; they need
 the API key like every other route). `model` picks one of GET /v1/models (OpenAI's own names, dall-e-* and
-gpt-image-*, mean the default model); `quality`, `style`, `user` and the like are accepted and ignored. The native fields negative_prompt, steps, guidance_scale, sampler, seed,
-loras (and strength for edits) may be added to a request as extensions; `<lora:NAME:W>` tags in the prompt
-apply LoRAs as on every face.
+gpt-image-*, mean the default model); `quality`, `style`, `user` and the like are accepted and ignored.
+The native fields negative_prompt, steps, guidance_scale, sampler, seed, loras (and strength for edits) may
+be added to a request as extensions; `<lora:NAME:W>` tags in the prompt apply LoRAs as on every face.
 """
 
 import base64
@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import schemas
 from ..errors import RETRY_AFTER, clear_detail, error_message, field_rules
-from ..jobs import (IDEMPOTENCY_KEY, IdempotencyKeyReused, MaxPixels, get_queue, idempotency_of, owner_of, submit,
+from ..jobs import (IDEMPOTENCY_KEY, IdempotencyKeyReused, MaxPixels, get_queue, idempotency_of, submit,
                     wait_for_result)
 from ..queue import QueueUnavailable
 from ..settings import Settings
@@ -231,8 +231,8 @@ def router(settings: Settings) -> APIRouter:
                              "size": f"{p['width']}x{p['height']}" if p.get("width") else None,
                              "seed": p["seed"], "job_id": state.id})
 
-    @api.post("/images/generations", summary="OpenAI: create images from a prompt (a txt2img job)", dependencies=[JSON_BODY],
-              responses=ERRORS)
+    @api.post("/images/generations", summary="OpenAI: create images from a prompt (a txt2img job)",
+              dependencies=[JSON_BODY], responses=ERRORS)
     async def generations(request: Request, body: ImageRequest, max_pixels: MaxPixels, queue=Depends(get_queue)):
         params = native_params(body, "txt2img", max_pixels)
         state = await submit(request, "txt2img", params, {},
