@@ -258,7 +258,7 @@ def router(settings: Settings) -> APIRouter:
         return {**stored, "sd_model_checkpoint": title, "sd_checkpoint_hash": registry.sha256(checkpoint)}
 
     @api.post("/options", summary="Web UI: store options; sd_model_checkpoint must name a model of /sd-models",
-              dependencies=[JSON_BODY], responses={k: ERRORS[k] for k in (401, 422, 503)})
+              dependencies=[JSON_BODY], responses={k: ERRORS[k] for k in (400, 401, 413, 422, 503)})
     async def set_options(request: Request, body: dict):
         registry = request.app.state.registry
         if "sd_model_checkpoint" in body:
@@ -275,7 +275,7 @@ def router(settings: Settings) -> APIRouter:
         return None
 
     @api.post("/png-info", summary="Web UI: the generation parameters a PNG carries (its `parameters` chunk)",
-              dependencies=[JSON_BODY], responses={k: ERRORS[k] for k in (401, 415, 422)})
+              dependencies=[JSON_BODY], responses={k: ERRORS[k] for k in (400, 401, 413, 415, 422)})
     async def png_info(body: PngInfoRequest):
         data = b64decode(body.image, "image")
         try:
