@@ -163,7 +163,7 @@ def service(weights):
 # every endpoint, the default model
 
 
-def test_txt2img_png_parameters_and_same_seed_same_image(service, pipe):
+def test_txt2img_png_parameters_and_same_seed_same_image(service, pipe, weights):
     body = {"prompt": "a large red circle in the center on a blue background", "steps": STEPS, "seed": 42}
     r = service.post("/txt2img", json=body)
     assert png(r).size == (64, 64) and r.headers["x-seed"] == "42"
@@ -184,7 +184,8 @@ def test_txt2img_png_parameters_and_same_seed_same_image(service, pipe):
     assert out["seed"] == 42 and [i["index"] for i in out["images"]] == [0, 1, 2]
     assert out["parameters"] == {"mode": "txt2img", "prompt": body["prompt"], "negative_prompt": "", "steps": STEPS,
                                  "guidance_scale": 7.5, "sampler": "ddim", "seed": 42, "width": 64, "height": 64,
-                                 "num_images": 3, "strength": None, "loras": []}
+                                 "num_images": 3, "strength": None, "loras": [],
+                                 "model": os.path.basename(str(weights).rstrip("/")).rsplit(".", 1)[0]}  # (the registry name)
     images = [base64.b64decode(i["png_base64"]) for i in out["images"]]
     assert all(Image.open(io.BytesIO(p)).size == (64, 64) and "Seed: 42" in read_parameters(p) for p in images)
     assert same_image(pixels(images[0]), pixels(alone))  # image 0 is the 1-image request's
