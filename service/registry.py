@@ -68,7 +68,7 @@ class Registry:
         self.default = Checkpoint(Path(weights).stem or "model", Path(weights))
         self.folder = Path(models_dir) if models_dir else None
         self._lock = threading.Lock()
-        self._listed: Optional[tuple[float, dict[str, Checkpoint]]] = None   # (folder mtime, name -> checkpoint)
+        self._listed: Optional[tuple[tuple, dict[str, Checkpoint]]] = None   # (mtimes, name -> checkpoint)
         self._hashes: dict[Path, tuple[tuple[int, int], str]] = {}            # file -> ((mtime_ns, size), sha256)
 
     @classmethod
@@ -85,8 +85,9 @@ class Registry:
         found = {self.default.name: self.default}
         if self.folder is None:
             return found
-        try:
-            mtime = self.folder.stat().st_mtime
+        try:   # (a folder being copied in changes its own mtime, not the parent's: both are in the key)
+            mtime = (self.folder.stat().st_mtime_ns,
+                     tuple(sorted((p.name, p.stat().st_mtime_ns) for p in self.folder.iterdir() if p.is_dir())))
         except OSError:
             return found
         with self._lock:
