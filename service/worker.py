@@ -178,10 +178,17 @@ class Worker:
         max_loaded_models) if it is not in memory. UnknownModel if the registry has no such model."""
         if model not in self.loaded:
             checkpoint = self.registry.find(model)
+            if self.settings.max_loaded_models == 1:   # (memory for one model only: the old one goes first)
+                self.loaded.clear()
+            try:
+                slot = Slot(load_pipeline(self.settings, checkpoint.path), self.settings)
+            finally:
+                if self.loaded:
+                    self._announce()
             while len(self.loaded) >= self.settings.max_loaded_models:
                 gone, _ = self.loaded.popitem(last=False)
                 log.info("unloading %s (max_loaded_models=%d)", gone, self.settings.max_loaded_models)
-            self.loaded[checkpoint.name] = Slot(load_pipeline(self.settings, checkpoint.path), self.settings)
+            self.loaded[checkpoint.name] = slot
             model = checkpoint.name
         self.loaded.move_to_end(model)
         self.current = model
