@@ -182,9 +182,10 @@ class Worker:
                 self.loaded.clear()
             try:
                 slot = Slot(load_pipeline(self.settings, checkpoint.path), self.settings)
-            finally:
-                if self.loaded:
+            except Exception:
+                if self.loaded:   # (what it still holds; the new model's slot is announced below)
                     self._announce()
+                raise
             while len(self.loaded) >= self.settings.max_loaded_models:
                 gone, _ = self.loaded.popitem(last=False)
                 log.info("unloading %s (max_loaded_models=%d)", gone, self.settings.max_loaded_models)
@@ -392,6 +393,8 @@ class Worker:
             if len(cancelled) == len(jobs):
                 raise Cancelled()
 
+        from model.pnginfo import png_bytes
+
         mode, width, height, steps, sampler, strength = group_key(jobs[0])
         scale = min(1.0, PREVIEW_SIDE / max(width, height))
         preview_size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -407,9 +410,7 @@ class Worker:
                 for job, request in zip(jobs, requests):
                     if job.id in watched:
                         image = self.pipe.preview_images(x0[row:row + 1], size=preview_size)[0]
-                        buf = io.BytesIO()
-                        image.save(buf, format="PNG")
-                        self.queue.store_preview(job, buf.getvalue())
+                        self.queue.store_preview(job, png_bytes(image))
                     row += request.num_images
             except Exception as e:  # noqa: BLE001
                 log.warning("preview failed: %s: %s", type(e).__name__, e)
